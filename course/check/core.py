@@ -1,0 +1,223 @@
+"""The machinery behind ``check.<name>(answer)``: results, hints, solutions, time limits.
+
+A check runs a test function on the learner's answer and turns what happens into
+a ``CheckResult``: ``passed``; ``failed`` with a message (a ``Failure`` raised by
+the test, or anything the answer raised, or a time-out); or ``not_attempted``
+(the answer raised ``NotImplementedError``, as every stub does). A check never
+crashes the notebook, with one deliberate exception: with ``COURSE_STRICT_CHECKS=1``
+(the test suite runs the solution notebooks so) a failed check raises.
+
+``COURSE_CHECK_LOG=path`` appends one JSON line per check; the grader and the
+tests read it.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import json
+import os
+import signal
+import textwrap
+import threading
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
+
+
+class Failure(AssertionError):
+    """Raised by a check's test with a message for the learner."""
+
+
+class CheckTimeout(Exception):
+    pass
+
+
+class StrictCheckFailure(AssertionError):
+    """Raised after a failed check when ``COURSE_STRICT_CHECKS=1``."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Interrupt the block after ``seconds`` (Unix main thread only; elsewhere no limit)."""
+    usable = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    if not usable or not seconds:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CheckTimeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_ICONS = {PASSED: ("✅", "#1a7f37"), FAILED: ("❌", "#cf222e"), NOT_ATTEMPTED: ("⏳", "#6e7781")}
+
+
+@dataclass
+class CheckResult:
+    """The outcome of one check: ``status``, ``message`` and ``passed``."""
+
+    name: str
+    status: str
+    message: str = ""
+    _shown: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def _headline(self) -> str:
+        return {
+            PASSED: f"check.{self.name}: passed",
+            FAILED: f"check.{self.name}: not yet",
+            NOT_ATTEMPTED: f"check.{self.name}: not attempted",
+        }[self.status]
+
+    def __str__(self) -> str:
+        icon = _ICONS[self.status][0]
+        body = f"\n{textwrap.indent(self.message, '   ')}" if self.message else ""
+        return f"{icon} {self._headline()}{body}"
+
+    def _repr_html_(self) -> str:
+        icon, colour = _ICONS[self.status]
+        body = f"<pre style='white-space:pre-wrap;margin:4px 0 0 0'>{html.escape(self.message)}</pre>" if self.message else ""
+        return (
+            f"<div style='border-left:4px solid {colour};padding:4px 10px'>"
+            f"<b style='color:{colour}'>{icon} {html.escape(self._headline())}</b>{body}</div>"
+        )
+
+    def _ipython_display_(self) -> None:
+        # Shown once: by the check itself, and not again when it is a cell's last value.
+        if self._shown:
+            return
+        self._shown = True
+        from IPython.display import display
+
+        display({"text/plain": str(self), "text/html": self._repr_html_()}, raw=True)
+
+
+def _in_ipython() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
+
+
+def _show(result: CheckResult) -> None:
+    if _in_ipython():
+        result._ipython_display_()
+    else:
+        print(result)
+
+
+def _log(result: CheckResult) -> None:
+    path = os.environ.get("COURSE_CHECK_LOG")
+    if path:
+        line = json.dumps({"check": result.name, "status": result.status, "message": result.message})
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def _answer_frames(exc: BaseException) -> str:
+    """The part of a traceback that is in the learner's code, not in the check."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if "course/check" not in f.filename.replace("\\", "/")]
+    return "".join(traceback.format_list(own[-3:]))
+
+
+class Check:
+    """One exercise check: call it with the answer; ``.hint()`` and ``.solution()`` help."""
+
+    def __init__(self, name: str, test, *, hint: str, solution, timeout: float = 120.0):
+        self.name = name
+        self._test = test
+        self._hint = hint
+        self._solution = solution
+        self.timeout = timeout
+        self.last: CheckResult | None = None
+        self.__doc__ = test.__doc__
+
+    def run(self, answer) -> CheckResult:
+        """Judge ``answer`` without showing or logging anything."""
+        try:
+            with time_limit(self.timeout):
+                self._test(answer)
+        except NotImplementedError:
+            return CheckResult(self.name, NOT_ATTEMPTED, "Replace `raise NotImplementedError` with your code, then run this cell again.")
+        except Failure as exc:
+            return CheckResult(self.name, FAILED, str(exc))
+        except CheckTimeout:
+            return CheckResult(
+                self.name,
+                FAILED,
+                f"Your answer ran for more than {self.timeout:.0f} s. Look for a loop that never ends.",
+            )
+        except Exception as exc:  # the learner's code raised: report it, never crash the notebook
+            where = _answer_frames(exc)
+            return CheckResult(
+                self.name,
+                FAILED,
+                f"Your answer raised {type(exc).__name__}: {exc}\n" + (f"\n{where}" if where else ""),
+            )
+        return CheckResult(self.name, PASSED, "")
+
+    def __call__(self, answer) -> CheckResult:
+        result = self.run(answer)
+        self.last = result
+        _log(result)
+        _show(result)
+        if result.status == FAILED and os.environ.get("COURSE_STRICT_CHECKS") == "1":
+            raise StrictCheckFailure(str(result))
+        return result
+
+    @property
+    def passed(self) -> bool:
+        """Whether the last answer checked passed."""
+        return self.last is not None and self.last.passed
+
+    def hint(self):
+        """Show a hint (Markdown in a notebook, text elsewhere)."""
+        return _show_text(f"**Hint for `check.{self.name}`.** {self._hint}", markdown=True)
+
+    def solution(self):
+        """Show the reference solution."""
+        code = self._solution if isinstance(self._solution, str) else inspect.getsource(self._solution)
+        return _show_text(f"```python\n{textwrap.dedent(code).strip()}\n```", markdown=True)
+
+    def __repr__(self) -> str:
+        return f"<check {self.name}: call it with your answer; .hint(), .solution()>"
+
+
+def _show_text(text: str, markdown: bool):
+    if _in_ipython():
+        from IPython.display import Markdown, display
+
+        display(Markdown(text))
+        return None
+    print(text)
+    return None
+
+
+def check(name: str, *, hint: str, solution, timeout: float = 120.0):
+    """Decorator: turn a test function into a ``Check`` called ``name``."""
+
+    def wrap(test):
+        return Check(name, test, hint=hint, solution=solution, timeout=timeout)
+
+    return wrap
+
+
+def expect(condition: bool, message: str) -> None:
+    """Fail the check with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise Failure(message)

@@ -1,0 +1,127 @@
+"""The student-notebook generator, the sync check, and the notebooks' shared conventions."""
+
+import shutil
+
+import nbformat
+import pytest
+
+from course import notebooks
+from course.__main__ import main
+
+SOLUTION = """def f(x):
+    ### BEGIN SOLUTION
+    y = x + 1
+    return y
+    ### END SOLUTION
+
+result = check.demo(f)"""
+
+
+def test_solution_regions_become_stubs_at_their_indentation():
+    out = notebooks.strip_solutions(SOLUTION)
+    assert "y = x + 1" not in out
+    assert "    # YOUR CODE HERE\n    raise NotImplementedError()" in out
+    assert out.endswith("result = check.demo(f)")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["### BEGIN SOLUTION\nx = 1", "x = 1\n### END SOLUTION", "### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION"],
+)
+def test_unbalanced_markers_are_errors(bad):
+    with pytest.raises(notebooks.NotebookError):
+        notebooks.strip_solutions(bad, "nb.ipynb cell 3")
+
+
+def solution_notebook():
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "my-env", "display_name": "x"}, "widgets": {"path": "/home/me"}}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("[badge](https://colab.research.google.com/github/o/r/blob/main/solutions/a.ipynb)"),
+        nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\n" + SOLUTION, execution_count=3,
+                                  outputs=[nbformat.v4.new_output("stream", text="hi")]),
+    ]
+    nb.cells[1].metadata = {"tags": ["exercise"], "collapsed": True}
+    return nb
+
+
+def test_student_version_strips_outputs_and_local_metadata():
+    student = notebooks.student_version(solution_notebook())
+    code = student.cells[1]
+    assert code.outputs == [] and code.execution_count is None
+    assert "NBVAL_CHECK_OUTPUT" not in code.source and "raise NotImplementedError()" in code.source
+    assert code.metadata == {"tags": ["exercise"]}
+    assert student.metadata == {"kernelspec": notebooks.KERNELSPEC, "language_info": {"name": "python"}}
+    assert "/blob/main/notebooks/a.ipynb" in student.cells[0].source
+    assert [c.id for c in student.cells] == ["cell-000", "cell-001"]
+    assert notebooks.dumps(student) == notebooks.dumps(notebooks.student_version(solution_notebook()))
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A copy of solutions/ and notebooks/ that the generator works on."""
+    for name in ("solutions", "notebooks"):
+        shutil.copytree(notebooks.ROOT / name, tmp_path / name)
+    monkeypatch.setattr(notebooks, "ROOT", tmp_path)
+    monkeypatch.setattr(notebooks, "SOLUTIONS", tmp_path / "solutions")
+    monkeypatch.setattr(notebooks, "NOTEBOOKS", tmp_path / "notebooks")
+    return tmp_path
+
+
+def test_repository_notebooks_are_in_sync():
+    assert notebooks.check() == []
+    assert main(["notebooks", "check"]) == 0
+
+
+def test_check_fails_after_editing_a_generated_notebook(sandbox):
+    path = next((sandbox / "notebooks").glob("*.ipynb"))
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[-1].source += "\n# an edit"
+    nbformat.write(nb, path)
+    assert main(["notebooks", "check"]) == 1
+    assert any(path.name in p for p in notebooks.check())
+    assert main(["notebooks", "build"]) == 0
+    assert notebooks.check() == []
+
+
+def test_check_fails_after_editing_a_solution(sandbox):
+    path = next((sandbox / "solutions").glob("*.ipynb"))
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A new paragraph."))
+    nbformat.write(nb, path)
+    assert main(["notebooks", "check"]) == 1
+
+
+def test_stale_and_missing_student_notebooks_are_reported(sandbox):
+    (sandbox / "notebooks" / "99_orphan.ipynb").write_text("{}")
+    next((sandbox / "notebooks").glob("0*.ipynb")).unlink()
+    problems = notebooks.check()
+    assert any("99_orphan" in p for p in problems) and any("missing" in p for p in problems)
+    notebooks.build()
+    assert notebooks.check() == []
+
+
+SOLUTIONS = notebooks.solution_paths()
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_every_notebook_opens_with_badge_and_colab_setup(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown"
+    assert "colab.research.google.com/github/" in nb.cells[0].source
+    assert f"/blob/main/solutions/{path.name}" in nb.cells[0].source
+    setup = nb.cells[1]
+    assert setup.cell_type == "code" and '"google.colab" in sys.modules' in setup.source
+    assert "pip" in setup.source
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_every_exercise_is_followed_by_its_check(path):
+    nb = nbformat.read(path, as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code"]
+    exercises = [i for i, source in enumerate(cells) if notebooks.BEGIN in source]
+    for i in exercises:
+        following = "\n".join(cells[i : i + 3])
+        assert notebooks._CHECK_CALL.search(following), f"{path.name}: the exercise in code cell {i} has no check after it"
+    if exercises:
+        assert notebooks.checks_called(nb)
