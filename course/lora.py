@@ -132,7 +132,10 @@ class LoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # W0 already holds W0 + scaling * B A
             return self.base_layer(x)
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        result = self.base_layer(x)
+        # The adapter may be float32 over a half-precision base (course.train keeps it so).
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (lora * self.scaling).to(result.dtype)
 
     def get_delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -197,7 +200,9 @@ class LoRAConv2d(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        result = self.base_layer(x)
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (lora * self.scaling).to(result.dtype)
 
     def get_delta_weight(self) -> torch.Tensor:
         # B: (out, r, 1, 1), A: (r, in, kh, kw)  ->  (out, in, kh, kw)

@@ -9,6 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,14 +35,26 @@ def test_make_lab_serves_the_notebooks(tmp_path):
                 break
             except OSError:
                 time.sleep(1)
-        assert listing is not None, f"JupyterLab did not answer on port {port}"
+        if listing is None:
+            stop(lab)
+            pytest.fail(f"JupyterLab did not answer on port {port}:\n{lab.stdout.read()[-3000:]}")
         names = {item["name"] for item in listing["content"]}
         expected = {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
         assert expected and expected <= names
     finally:
-        os.killpg(lab.pid, signal.SIGTERM)
-        try:
-            lab.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(lab.pid, signal.SIGKILL)
+        stop(lab)
     assert lab.returncode is not None
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop make and the server it started (one process group)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
