@@ -164,6 +164,14 @@ Training loss {scores['first_loss']:.3f} -> {scores['final_loss']:.3f} in {score
 """
 
 
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes target_modules from a set, in an order that changes from run to run; fix it."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def build(
     name: str,
     *,
@@ -190,6 +198,7 @@ def build(
         peft_model, _, scores = train_adapter(recipe, progress=progress)
         peft_model.peft_config["default"].base_model_name_or_path = recipe.base_model
         peft_model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+        _sort_target_modules(tmp / "adapter_config.json")
         trainable = peft_model.get_nb_trainable_parameters()[0]
         scores["trainable_parameters"] = trainable
         scores["safetensors_sha256"] = sha256(tmp / "adapter_model.safetensors")
