@@ -123,6 +123,12 @@ class LoRALinear(LoRALayer):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  merge_on_eval: bool = False, *, rslora: bool = False):
         super().__init__(base, nn.Linear, r, alpha, dropout, merge_on_eval, rslora)
+        if r > min(base.in_features, base.out_features):
+            raise ValueError(
+                f"r={r} is larger than min(in_features, out_features) = "
+                f"{min(base.in_features, base.out_features)}: B A can never have a higher rank than that, "
+                "so the extra parameters would be wasted. Choose a smaller r."
+            )
         like = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)

@@ -367,3 +367,9 @@ def test_lora_state_dict_keys():
     fresh = inject_lora(Tiny(), ["q_proj", "embed_tokens"], R, ALPHA)
     missing, unexpected = fresh.load_state_dict(lora_state_dict(model), strict=False)
     assert not unexpected and not (set(missing) & lora)
+
+
+def test_a_rank_larger_than_the_layer_is_refused():
+    with pytest.raises(ValueError, match="Choose a smaller r"):
+        LoRALinear(nn.Linear(16, 4), r=5, alpha=10)
+    LoRALinear(nn.Linear(16, 4), r=4, alpha=8)  # the largest useful rank is fine
