@@ -9,6 +9,7 @@ Each module holds the reference implementation of one notebook's idea:
 - ``course.check``   the exercise checks used in every notebook
 """
 
+import logging
 import warnings
 
 __version__ = "0.1.0"
@@ -20,3 +21,7 @@ warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", cate
 #: Where the course is published; used for the Colab badges and the Colab set-up cell.
 #: Change it in this one place when you fork the course.
 REPO = "peft-course/peft-course"
+
+# bitsandbytes (imported by peft when installed) logs that an optional, hub-fetched CPU kernel
+# is missing; its fallback works (notebooks 03, 04, 06 measure it). Quiet that one logger.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -28,16 +28,23 @@ def atomic_write(path, text: str) -> None:
 
 
 @contextmanager
-def atomic_directory(target):
+def atomic_directory(target, *, keep_others: bool = False):
     """Yield an empty folder beside ``target``; when the block succeeds it replaces ``target``.
 
-    If the block raises, ``target`` is left as it was and the temporary folder is removed.
+    With ``keep_others``, files of an existing ``target`` that the block did not write
+    are carried over (an adapter folder's README, say). If the block raises, ``target``
+    is left as it was and the temporary folder is removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
+        if keep_others and target.is_dir():
+            for item in target.iterdir():
+                if not (tmp / item.name).exists():
+                    copy = shutil.copytree if item.is_dir() else shutil.copy2
+                    copy(item, tmp / item.name)
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is for everyone to read
         _swap_into_place(tmp, target)
     finally:

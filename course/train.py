@@ -78,6 +78,7 @@ class History:
     eval_steps: list[int] = field(default_factory=list)
     eval_scores: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    loss_scales: list[float] = field(default_factory=list)  # float16 only: GradScaler's scale per step
 
     @property
     def final_score(self) -> float | None:
@@ -120,6 +121,9 @@ def train(
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_dtype = frozen[0].dtype if frozen else torch.float32
     use_autocast = device.type == "cuda" and base_dtype in (torch.float16, torch.bfloat16)
+    # float16 has 5 exponent bits: small gradients flush to zero unless the loss is scaled up
+    # first (and the gradients scaled back before the step). bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=base_dtype == torch.float16)
 
     encoded = [encode_example(tokenizer, p, a) for p, a in zip(dataset["prompt"], dataset["answer"], strict=True)]
     generator = torch.Generator().manual_seed(seed)
@@ -143,10 +147,13 @@ def train(
         del order[:batch_size]
         with torch.autocast(device.type, dtype=base_dtype, enabled=use_autocast):
             loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skips the step if a gradient overflowed, then lowers the scale
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         history.losses.append(loss.item())
+        if scaler.is_enabled():
+            history.loss_scales.append(scaler.get_scale())
         bar.set_postfix(loss=f"{history.losses[-1]:.3f}")
         if eval_every and step % eval_every == 0 and step != steps:
             evaluate(step)

@@ -21,9 +21,16 @@ def delta_via_peft(peft_model, module_name):
 def delta_via_einsum(peft_model, module_name):
     layer = peft_model.get_submodule(module_name)
     name = peft_model.active_adapters[0]
-    config = peft_model.peft_config[name]
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    return torch.einsum("or,ri->oi", b, a) * (config.lora_alpha / config.r)
+    return torch.einsum("or,ri->oi", b, a) * layer.scaling[name]
+
+
+def delta_scaling_from_config(peft_model, module_name):
+    """Right for plain LoRA, wrong for rsLoRA and for rank_pattern / alpha_pattern."""
+    layer = peft_model.get_submodule(module_name)
+    name = peft_model.active_adapter
+    config = peft_model.peft_config[name]
+    return (config.lora_alpha / config.r) * layer.lora_B[name].weight @ layer.lora_A[name].weight
 
 
 def delta_via_forward(peft_model, module_name):
@@ -95,6 +102,7 @@ def test_delta_weight_passes_right_answers(answer):
         (delta_hard_coded_default, "peft_model.active_adapter"),
         (delta_alpha_not_scaling, "times the right one"),
         (delta_merged_weight, "merged weight"),
+        (delta_scaling_from_config, "from the config"),
         (lambda m, n: [[0.0]], "torch.Tensor"),
     ],
 )

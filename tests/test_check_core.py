@@ -146,3 +146,115 @@ def test_count_trainable_fails_typical_mistakes(answer, phrase):
     result = check.count_trainable.run(answer)
     assert result.status == FAILED
     assert phrase in result.message
+
+
+def test_a_timeout_cannot_be_swallowed_by_the_answer():
+    def judge(answer):
+        answer()
+
+    def swallows_everything_it_can():
+        while True:
+            try:
+                while True:
+                    pass
+            except Exception:  # a learner's guard around the forward
+                pass
+
+    result = make(judge, timeout=0.5)(swallows_everything_it_can)
+    assert result.status == FAILED and "more than 0.5 s" in result.message and "too slow" in result.message
+
+
+def test_a_class_with_one_stub_method_is_told_which():
+    class Layer:
+        def __init__(self):
+            self.ready = True
+
+        def forward(self):
+            return 1
+
+        def merge(self):
+            raise NotImplementedError()
+
+    class Untouched:
+        def __init__(self):
+            raise NotImplementedError()
+
+    def judge(answer):
+        layer = answer()
+        layer.forward()
+        layer.merge()
+
+    partly = make(judge)(Layer)
+    assert partly.status == FAILED and "Layer.merge" in partly.message and "stub" in partly.message
+    assert make(judge)(Untouched).status == NOT_ATTEMPTED
+
+    def stub_function(x):
+        raise NotImplementedError()
+
+    assert make(lambda answer: answer(1))(stub_function).status == NOT_ATTEMPTED
+
+
+def test_tiered_hints(capsys):
+    demo = Check("demo", _passing, hint=["look at the shapes", "A is (r, in)", "B @ A"], solution="x = 1")
+    demo.hint()
+    first = capsys.readouterr().out
+    assert "look at the shapes" in first and "hint(2)" in first and "A is (r, in)" not in first
+    demo.hint(3)
+    assert "B @ A" in capsys.readouterr().out
+    demo.hint(99)  # past the last: the last one
+    assert "B @ A" in capsys.readouterr().out
+
+
+def _random_states():
+    import random
+
+    import numpy
+
+    return torch.get_rng_state(), random.getstate(), numpy.random.get_state()
+
+
+def _same_states(a, b) -> bool:
+    import numpy
+
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and all(
+        numpy.array_equal(x, y) if isinstance(x, numpy.ndarray) else x == y for x, y in zip(a[2], b[2], strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(check.ALL))
+def test_no_check_changes_the_global_random_states(name):
+    import random
+
+    import numpy
+
+    chk = check.ALL[name]
+    reference = chk.reference_object()
+    assert reference is not None, f"check.{name} names no reference (the grader needs it)"
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError()
+
+    torch.manual_seed(7)
+    random.seed(7)
+    numpy.random.seed(7)
+    before = _random_states()
+    assert chk.run(reference).status == PASSED, f"the course's reference fails check.{name}"
+    assert chk.run(stub).status == NOT_ATTEMPTED
+    assert _same_states(before, _random_states()), f"check.{name} changed a global random state"
+
+
+def test_random_states_are_restored_even_when_the_answer_draws():
+    def judge(answer):
+        answer()
+
+    def draws():
+        import random
+
+        import numpy
+
+        torch.rand(5)
+        random.random()
+        numpy.random.rand(3)
+
+    before = _random_states()
+    make(judge)(draws)
+    assert _same_states(before, _random_states())

@@ -166,6 +166,27 @@ class DetachedBranch(LinearMatmulKaiming):
         return self.base(x) + (self.dropout(x) @ self.lora_A.weight.T.detach() @ self.lora_B.weight.T) * self.scaling
 
 
+class DropoutAfterA(LinearMatmulKaiming):
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        return self.base(x) + (self.dropout(x @ self.lora_A.weight.T) @ self.lora_B.weight.T) * self.scaling
+
+
+class HardCodedDropout(LinearMatmulKaiming):
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.dropout = nn.Dropout(0.5 if dropout else 0.0)
+
+
+class DropoutWithoutRescaling(LinearMatmulKaiming):
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        keep = (torch.rand_like(x) >= self.dropout.p).to(x.dtype) if self.training else 1.0
+        return self.base(x) + ((x * keep) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+
+
 class Only2d(ParamEinsumGaussian):
     def forward(self, x):
         h = self.inner(x)
@@ -187,6 +208,9 @@ MISTAKES = [
     (MergedStillAddsBranch, ["still adds the LoRA branch"]),
     (UnmergeForgetsFlag, ["`.merged` should be False"]),
     (DetachedBranch, ["No gradient reached A"]),
+    (DropoutAfterA, ["after A (on A x)", "B(A(dropout(x)))"]),
+    (HardCodedDropout, ["written into the class", "nn.Dropout(dropout)"]),
+    (DropoutWithoutRescaling, ["1 / (1 - p)"]),
 ]
 
 

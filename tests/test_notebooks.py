@@ -46,15 +46,16 @@ def solution_notebook():
 
 
 def test_student_version_strips_outputs_and_local_metadata():
-    student = notebooks.student_version(solution_notebook())
+    student = notebooks.student_version(solution_notebook(), "07_demo.ipynb")
     code = student.cells[1]
     assert code.outputs == [] and code.execution_count is None
     assert "NBVAL_CHECK_OUTPUT" not in code.source and "raise NotImplementedError()" in code.source
     assert code.metadata == {"tags": ["exercise"]}
-    assert student.metadata == {"kernelspec": notebooks.KERNELSPEC, "language_info": {"name": "python"}}
+    assert student.metadata == {"kernelspec": notebooks.KERNELSPEC, "language_info": {"name": "python"},
+                                "course": {"chapter": "07_demo"}}
     assert "/blob/main/notebooks/a.ipynb" in student.cells[0].source
     assert [c.id for c in student.cells] == ["cell-000", "cell-001"]
-    assert notebooks.dumps(student) == notebooks.dumps(notebooks.student_version(solution_notebook()))
+    assert notebooks.dumps(student) == notebooks.dumps(notebooks.student_version(solution_notebook(), "07_demo.ipynb"))
 
 
 @pytest.fixture
@@ -65,6 +66,8 @@ def sandbox(tmp_path, monkeypatch):
     monkeypatch.setattr(notebooks, "ROOT", tmp_path)
     monkeypatch.setattr(notebooks, "SOLUTIONS", tmp_path / "solutions")
     monkeypatch.setattr(notebooks, "NOTEBOOKS", tmp_path / "notebooks")
+    shutil.copy(notebooks.MANIFEST, tmp_path / "exercises.json")
+    monkeypatch.setattr(notebooks, "MANIFEST", tmp_path / "exercises.json")
     return tmp_path
 
 
@@ -125,3 +128,61 @@ def test_every_exercise_is_followed_by_its_check(path):
         assert notebooks._CHECK_CALL.search(following), f"{path.name}: the exercise in code cell {i} has no check after it"
     if exercises:
         assert notebooks.checks_called(nb)
+
+
+def test_one_setting_moves_every_badge_and_install_command(sandbox, monkeypatch):
+    import course
+
+    monkeypatch.setattr(course, "REPO", "someone/fork")
+    assert any("solutions/" in line for line in notebooks.check()), "a new REPO makes the solutions stale"
+    notebooks.build()
+    assert notebooks.check() == []
+    for folder in ("solutions", "notebooks"):
+        for path in sorted((sandbox / folder).glob("*.ipynb")):
+            nb = nbformat.read(path, as_version=4)
+            assert f"github/someone/fork/blob/main/{folder}/{path.name}" in nb.cells[0].source.splitlines()[0]
+            assert "git+https://github.com/someone/fork" in nb.cells[1].source
+            assert "peft-course/peft-course" not in nbformat.writes(nb)
+
+
+def test_images_are_embedded_so_a_notebook_shows_them_on_its_own():
+    import base64
+
+    for folder in (notebooks.SOLUTIONS, notebooks.NOTEBOOKS):
+        for path in sorted(folder.glob("*.ipynb")):
+            text = path.read_text()
+            assert "../images/" not in text, f"{path.name} links an image by path: use attachment:NAME"
+            nb = nbformat.read(path, as_version=4)
+            for cell in nb.cells:
+                for name in notebooks._ATTACHMENT.findall(cell.source) if cell.cell_type == "markdown" else []:
+                    data = next(iter(cell.attachments[name].values()))
+                    assert base64.b64decode(data) == (notebooks.IMAGES / name).read_bytes()
+    diagram = nbformat.read(notebooks.SOLUTIONS / "02_lora_from_scratch.ipynb", as_version=4)
+    assert any("lora_diagram.png" in c.get("attachments", {}) for c in diagram.cells)
+
+
+def test_a_missing_image_is_named(sandbox):
+    path = next((sandbox / "solutions").glob("*.ipynb"))
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("![x](attachment:nowhere.png)"))
+    nbformat.write(nb, path)
+    with pytest.raises(notebooks.NotebookError, match="images/nowhere.png"):
+        notebooks.build()
+
+
+def test_the_manifest_lists_each_chapters_exercises_and_is_kept_in_sync(sandbox):
+    manifest = notebooks.load_manifest()
+    assert sorted(manifest) == sorted(p.stem for p in (sandbox / "solutions").glob("*.ipynb"))
+    assert {"check": "lora_linear", "answer": "LoRALinear"} in manifest["02_lora_from_scratch"]["exercises"]
+    assert manifest["02_lora_from_scratch"]["title"].startswith("02")
+    (sandbox / "exercises.json").write_text("{}")
+    assert any("exercises.json" in p for p in notebooks.check())
+    notebooks.build()
+    assert notebooks.load_manifest() == manifest
+
+
+def test_exercises_read_the_answer_expression():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nresult = check.generate_params(GenerateParams.apply)"),
+                nbformat.v4.new_code_cell("check.generate_params.hint()")]
+    assert notebooks.exercises(nb) == [{"check": "generate_params", "answer": "GenerateParams.apply"}]

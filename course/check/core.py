@@ -31,8 +31,12 @@ class Failure(AssertionError):
     """Raised by a check's test with a message for the learner."""
 
 
-class CheckTimeout(Exception):
-    pass
+class CheckTimeout(BaseException):
+    """Raised inside the answer when its time is up.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that a learner's ``try: ...
+    except Exception:`` cannot swallow it.
+    """
 
 
 class StrictCheckFailure(AssertionError):
@@ -41,7 +45,12 @@ class StrictCheckFailure(AssertionError):
 
 @contextmanager
 def time_limit(seconds: float):
-    """Interrupt the block after ``seconds`` (Unix main thread only; elsewhere no limit)."""
+    """Interrupt the block after ``seconds`` (Unix main thread only; elsewhere no limit).
+
+    The alarm raises ``CheckTimeout`` and, should the answer swallow it anyway (a bare
+    ``except:``), fires again every 0.2 s until the block is left. The grader adds a
+    process-level limit on top, which no code in the process can catch.
+    """
     usable = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     if not usable or not seconds:
         yield
@@ -51,12 +60,39 @@ def time_limit(seconds: float):
         raise CheckTimeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.2)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@contextmanager
+def preserved_random_state():
+    """Run the block and put every global random generator back as it was.
+
+    torch (CPU and every initialised CUDA device), Python's ``random`` and NumPy's
+    global generator: a check seeds what it needs and must not change the learner's
+    random stream, whatever the answer draws.
+    """
+    import random
+    import sys
+
+    import torch
+
+    numpy = sys.modules.get("numpy")
+    python_state = random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy_state is not None:
+            numpy.random.set_state(numpy_state)
 
 
 _ICONS = {PASSED: ("✅", "#1a7f37"), FAILED: ("❌", "#cf222e"), NOT_ATTEMPTED: ("⏳", "#6e7781")}
@@ -128,6 +164,11 @@ def _log(result: CheckResult) -> None:
             f.write(line + "\n")
 
 
+def _is_library(filename: str) -> bool:
+    path = filename.replace("\\", "/")
+    return "/course/" in path or "site-packages" in path or "/lib/python" in path
+
+
 def _answer_frames(exc: BaseException) -> str:
     """The part of a traceback that is in the learner's code, not in the check."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -135,32 +176,76 @@ def _answer_frames(exc: BaseException) -> str:
     return "".join(traceback.format_list(own[-3:]))
 
 
+def _stub_that_raised(exc: NotImplementedError, answer, test) -> str | None:
+    """The name of the learner's method that raised ``NotImplementedError``, if it is not the entry point.
+
+    ``None`` when the stub is where the answer starts (its ``__init__``, or the function
+    itself): nothing of it has been written yet. Otherwise, e.g. ``"LoRALinear.merge"``:
+    the rest ran, and that method is still a stub. Only frames below the check's own
+    ``test`` function count: those are the answer's.
+    """
+    tb, frame, inside = exc.__traceback__, None, False
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code is getattr(test, "__code__", None):
+            inside = True
+        elif inside and not _is_library(code.co_filename):
+            frame = tb.tb_frame
+        tb = tb.tb_next
+    if frame is None:
+        return None
+    code = frame.f_code
+    name = getattr(code, "co_qualname", code.co_name)
+    entry = {getattr(answer, "__qualname__", None), getattr(getattr(answer, "__func__", None), "__qualname__", None)}
+    if name in entry or code.co_name in ("__init__", "__new__", "<module>") or code.co_name == getattr(answer, "__name__", None):
+        return None
+    return name
+
+
 class Check:
     """One exercise check: call it with the answer; ``.hint()`` and ``.solution()`` help."""
 
-    def __init__(self, name: str, test, *, hint: str, solution, timeout: float = 120.0):
+    def __init__(self, name: str, test, *, hint, solution, timeout: float = 120.0, reference=None):
         self.name = name
         self._test = test
-        self._hint = hint
+        self._hint = [hint] if isinstance(hint, str) else list(hint)
         self._solution = solution
         self.timeout = timeout
+        #: "module:attribute" of the course's own answer: the grader refuses it as a learner's.
+        self.reference = reference
         self.last: CheckResult | None = None
         self.__doc__ = test.__doc__
 
+    def reference_object(self):
+        """The course's own answer (from ``reference``, "module:attribute"), or None."""
+        if not self.reference:
+            return None
+        import importlib
+
+        module, _, attribute = self.reference.partition(":")
+        value = importlib.import_module(module)
+        for part in attribute.split("."):
+            value = getattr(value, part)
+        return value
+
     def run(self, answer) -> CheckResult:
-        """Judge ``answer`` without showing or logging anything."""
+        """Judge ``answer`` without showing or logging anything; the global random state is kept."""
         try:
-            with time_limit(self.timeout):
+            with preserved_random_state(), time_limit(self.timeout):
                 self._test(answer)
-        except NotImplementedError:
-            return CheckResult(self.name, NOT_ATTEMPTED, "Replace `raise NotImplementedError` with your code, then run this cell again.")
+        except NotImplementedError as exc:
+            stub = _stub_that_raised(exc, answer, self._test)
+            if stub is None:
+                return CheckResult(self.name, NOT_ATTEMPTED, "Replace `raise NotImplementedError` with your code, then run this cell again.")
+            return CheckResult(self.name, FAILED, f"`{stub}` still raises NotImplementedError: the rest of your "
+                               "answer ran, but this part is a stub. Write it, then run this cell again.")
         except Failure as exc:
             return CheckResult(self.name, FAILED, str(exc))
         except CheckTimeout:
             return CheckResult(
                 self.name,
                 FAILED,
-                f"Your answer ran for more than {self.timeout:.0f} s. Look for a loop that never ends.",
+                f"Your answer ran for more than {self.timeout:g} s, too slow: look for a loop that never ends.",
             )
         except Exception as exc:  # the learner's code raised: report it, never crash the notebook
             where = _answer_frames(exc)
@@ -185,9 +270,13 @@ class Check:
         """Whether the last answer checked passed."""
         return self.last is not None and self.last.passed
 
-    def hint(self):
-        """Show a hint (Markdown in a notebook, text elsewhere)."""
-        return _show_text(f"**Hint for `check.{self.name}`.** {self._hint}", markdown=True)
+    def hint(self, level: int = 1):
+        """Show hint ``level`` (1, 2, ...): each says a little more than the one before."""
+        levels = len(self._hint)
+        level = min(max(int(level), 1), levels)
+        more = f" (`check.{self.name}.hint({level + 1})` says more.)" if level < levels else ""
+        title = f"Hint {level} of {levels}" if levels > 1 else "Hint"
+        return _show_text(f"**{title} for `check.{self.name}`.** {self._hint[level - 1]}{more}", markdown=True)
 
     def solution(self):
         """Show the reference solution."""
@@ -208,11 +297,15 @@ def _show_text(text: str, markdown: bool):
     return None
 
 
-def check(name: str, *, hint: str, solution, timeout: float = 120.0):
-    """Decorator: turn a test function into a ``Check`` called ``name``."""
+def check(name: str, *, hint, solution, timeout: float = 120.0, reference: str | None = None):
+    """Decorator: turn a test function into a ``Check`` called ``name``.
+
+    ``hint`` is a string or a list of hints, each more explicit than the last;
+    ``reference`` names the course's own answer ("course.lora:LoRALinear").
+    """
 
     def wrap(test):
-        return Check(name, test, hint=hint, solution=solution, timeout=timeout)
+        return Check(name, test, hint=hint, solution=solution, timeout=timeout, reference=reference)
 
     return wrap
 

@@ -162,25 +162,65 @@ def _check_gradients(answer, shape) -> None:
                "of base(x) + scaling * B A x.")
 
 
+def _dropped_fraction(answer, shape, p: float) -> tuple[float, torch.Tensor]:
+    """Train-mode LoRA branch on one-hot inputs: the fraction of inputs dropped with ``dropout=p``,
+    and the factor each kept input was scaled by.
+
+    Row k of the input is the unit vector e_(k mod in). Dropout on x keeps or drops that single
+    feature, so each row's LoRA output is either 0 or ``scaling * B A e / (1 - p)``; dropout
+    anywhere else (on A x, or on the output) gives rows that are neither.
+    """
+    base, layer, W0, b0 = _build(answer, shape, dropout=p)
+    A, B = _matrix(layer, "lora_A"), _matrix(layer, "lora_B")
+    _randomise(A, B)
+    layer.train()
+    rows = 3000
+    x = torch.zeros(rows, shape[0])
+    x[torch.arange(rows), torch.arange(rows) % shape[0]] = 1.0
+    torch.manual_seed(3)
+    with torch.no_grad():
+        branch = layer(x) - F.linear(x, W0, b0)
+    full = SCALING * x @ A.detach().T @ B.detach().T
+    dropped = branch.abs().amax(-1) < 1e-5
+    kept = branch[~dropped]
+    expected = full[~dropped]
+    ratio = (kept * expected).sum(-1) / (expected * expected).sum(-1)  # per row, if kept * 1/(1-q)
+    whole_rows = torch.allclose(kept, ratio[:, None] * expected, rtol=1e-4, atol=1e-5)
+    expect(whole_rows, f"With dropout={p} in train mode your LoRA branch is not B A applied to a dropped-out "
+           "x: dropout seems to act after A (on A x) or on the output. Apply it to the input of the "
+           "LoRA branch, so that each input feature is kept or dropped as a whole: B(A(dropout(x))).")
+    return dropped.float().mean().item(), ratio
+
+
 def _check_dropout(answer, shape) -> None:
-    with torch.random.fork_rng():
-        base, layer, W0, b0 = _build(answer, shape, dropout=0.5)
-        A, B = _matrix(layer, "lora_A"), _matrix(layer, "lora_B")
-        x = _lora_input(shape)
-        layer.train()
-        with torch.no_grad():
-            B.zero_()
-        # With B = 0 the LoRA branch adds exactly 0 whatever the dropout: the rest is the base path.
-        expect(torch.equal(layer(x), F.linear(x, W0, b0)) or _close(layer(x), F.linear(x, W0, b0), 1e-6),
-               "With dropout=0.5 in train mode, your layer changes the base layer's output. Dropout "
-               "belongs on the LoRA branch only: base(x) + scaling * B(A(dropout(x))).")
-        _randomise(A, B)
-        no_dropout = F.linear(x, W0, b0) + SCALING * x @ A.detach().T @ B.detach().T
-        expect(not _close(layer(x), no_dropout), "With dropout=0.5 in train mode your LoRA branch "
-               "ignores dropout. Apply it to x on the way into A: B(A(dropout(x))).")
-        layer.eval()
-        expect(_close(layer(x), no_dropout), "In eval mode (layer.eval()) dropout must do nothing, "
-               "but your output still changes. Use nn.Dropout, which knows the mode.")
+    base, layer, W0, b0 = _build(answer, shape, dropout=0.5)
+    A, B = _matrix(layer, "lora_A"), _matrix(layer, "lora_B")
+    x = _lora_input(shape)
+    layer.train()
+    with torch.no_grad():
+        B.zero_()
+    # With B = 0 the LoRA branch adds exactly 0 whatever the dropout: the rest is the base path.
+    expect(torch.equal(layer(x), F.linear(x, W0, b0)) or _close(layer(x), F.linear(x, W0, b0), 1e-6),
+           "With dropout=0.5 in train mode, your layer changes the base layer's output. Dropout "
+           "belongs on the LoRA branch only: base(x) + scaling * B(A(dropout(x))).")
+    _randomise(A, B)
+    no_dropout = F.linear(x, W0, b0) + SCALING * x @ A.detach().T @ B.detach().T
+    expect(not _close(layer(x), no_dropout), "With dropout=0.5 in train mode your LoRA branch "
+           "ignores dropout. Apply it to x on the way into A: B(A(dropout(x))).")
+    layer.eval()
+    expect(_close(layer(x), no_dropout), "In eval mode (layer.eval()) dropout must do nothing, "
+           "but your output still changes. Use nn.Dropout, which knows the mode.")
+    # 3000 draws: the dropped fraction's standard deviation is at most 0.009, so 0.05 is over 5 of them.
+    (low, low_scale), (high, high_scale) = _dropped_fraction(answer, shape, 0.2), _dropped_fraction(answer, shape, 0.6)
+    expect(abs(high - low) > 0.2, f"Your layer drops about {low:.0%} of the inputs with dropout=0.2 and "
+           f"{high:.0%} with dropout=0.6: the probability is written into the class. Pass the "
+           "`dropout` argument on: nn.Dropout(dropout).")
+    for p, fraction, scale in ((0.2, low, low_scale), (0.6, high, high_scale)):
+        expect(abs(fraction - p) < 0.05, f"With dropout={p} your layer drops {fraction:.0%} of the inputs to "
+               f"the LoRA branch, not {p:.0%}. Use nn.Dropout(dropout) with the argument as given.")
+        expect(torch.allclose(scale, torch.full_like(scale, 1 / (1 - p)), rtol=1e-3),
+               f"With dropout={p} the inputs your LoRA branch keeps are scaled by {scale.mean().item():.3g}, "
+               f"not by 1 / (1 - p) = {1 / (1 - p):.3g}. nn.Dropout(p) does this rescaling for you.")
 
 
 def _check_merge(answer, shape) -> None:
@@ -270,6 +310,7 @@ class LoRALinear(nn.Module):
     "`scaling * B.weight @ A.weight` to the base weight under `torch.no_grad()` unless `self.merged`; "
     "`unmerge()` subtracts it.",
     solution=SOLUTION,
+    reference="course.lora:LoRALinear",
 )
 def lora_linear(answer):
     """``answer`` is a class ``C(base: nn.Linear, r, alpha, dropout=0.0)``: a LoRA layer (eq. 3)."""

@@ -38,6 +38,7 @@ def _solution(model) -> int:
     hint="Loop over `model.parameters()`, keep those with `p.requires_grad`, and add up "
     "`p.numel()` (the number of entries of each tensor).",
     solution=_solution,
+    reference="course.check.warmup:_solution",
 )
 def count_trainable(answer):
     """``answer(model) -> int``: the number of trainable entries, each shared tensor once."""

@@ -1,0 +1,248 @@
+"""LoRA adapters on disk in PEFT's format, both ways (notebook 02).
+
+A PEFT adapter is a directory with ``adapter_config.json`` (r, lora_alpha,
+target_modules, ...) and ``adapter_model.safetensors``, whose tensors are named
+``base_model.model.<module name>.<suffix>``: ``lora_A.weight`` / ``lora_B.weight``
+for Linear and Conv2d layers, ``lora_embedding_A`` / ``lora_embedding_B`` for
+embeddings, plus whatever a variant adds (DoRA's ``lora_magnitude_vector``).
+
+``save_peft_adapter`` writes the course's layers in that format, so that
+``peft.PeftModel.from_pretrained`` loads them; ``load_peft_adapter`` reads what PEFT
+wrote into the course's layers. Both are re-exported by ``course.lora``.
+
+A layer class tells this module how it appears on disk through two optional members:
+``peft_state()`` (suffix -> the live tensor, used to save and to load) and
+``peft_flags`` (config entries such as ``{"use_dora": True}``). Safetensors only:
+a pickled ``adapter_model.bin`` is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from course.files import atomic_directory
+from course.lora import (
+    LoRAEmbedding,
+    LoRALayer,
+    LoRALinear,
+    MergedLoRALinear,
+    _lora_class_for,
+    _matches,
+    _plain_modules,
+    _replace,
+)
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # PEFT's prefix for the wrapped model's module names
+
+
+def peft_state(layer: LoRALayer) -> dict[str, torch.Tensor]:
+    """Suffix -> the layer's own tensor, under PEFT's names (shared, not copies)."""
+    own = getattr(layer, "peft_state", None)
+    if callable(own):
+        return own()
+    if isinstance(layer, MergedLoRALinear):
+        raise ValueError("A MergedLoRALinear cannot be saved as a PEFT adapter: PEFT has no fused layer. "
+                         "Use separate q/k/v projections with LoRALinear.")
+    if isinstance(layer, LoRAEmbedding):
+        return {"lora_embedding_A": layer.lora_embedding_A, "lora_embedding_B": layer.lora_embedding_B}
+    return {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
+
+
+def _linear_class(config: dict) -> type[LoRALinear]:
+    """The course class for a Linear target of this config (``use_dora`` -> ``DoRALinear``)."""
+    if config.get("use_dora"):
+        from course.dora import DoRALinear
+
+        return DoRALinear
+    return LoRALinear
+
+
+def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter: adapter_config.json + adapter_model.safetensors.
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` then gives the same outputs.
+    Layers whose r or alpha differ from the most common go into ``rank_pattern`` /
+    ``alpha_pattern``. ``task_type="CAUSAL_LM"`` makes PEFT return a
+    ``PeftModelForCausalLM``. The files are written into a temporary directory next
+    to ``directory`` and moved into place, so a reader never sees half an adapter;
+    other files already in ``directory`` (a README, say) are kept. Returns the directory.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    if not layers:
+        raise ValueError("The model has no LoRA layers: call inject_lora first.")
+    if len({m.rslora for m in layers.values()}) > 1:
+        raise ValueError("Some LoRA layers use rsLoRA scaling and some do not; a PEFT config holds one.")
+    flags = {json.dumps(getattr(m, "peft_flags", {}), sort_keys=True) for m in layers.values()}
+    if len(flags) > 1:
+        raise ValueError(f"The model mixes LoRA variants ({', '.join(sorted(flags))}); a PEFT config holds one.")
+    # The most common r and alpha go in the config; layers that differ go in PEFT's
+    # rank_pattern / alpha_pattern, keyed by their name as a regular expression.
+    r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in layers.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): m.r for n, m in layers.items() if m.r != r}
+    alpha_pattern = {re.escape(n): m.alpha for n, m in layers.items() if m.alpha != alpha}
+    tensors = {}
+    for name, layer in layers.items():
+        for suffix, tensor in peft_state(layer).items():
+            tensors[f"{_PREFIX}{name}.{suffix}"] = tensor.detach().contiguous()
+
+    # Short target names ("q_proj") when they pick out exactly these layers, full names otherwise.
+    plain = _plain_modules(model)
+    short = sorted({name.rpartition(".")[2] for name in layers})
+    if {n for n in plain if n and _matches(n, short)} != set(layers):
+        short = sorted(layers)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    dropouts = {float(getattr(m.dropout, "p", 0.0)) for m in layers.values()}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "target_modules": short,
+        "use_rslora": next(iter(layers.values())).rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        **getattr(next(iter(layers.values())), "peft_flags", {}),
+    }
+
+    directory = Path(directory)
+    with atomic_directory(directory, keep_others=True) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+_SUFFIX = re.compile(r"\.(lora_(?:A|B)\.weight|lora_embedding_(?:A|B)|lora_magnitude_vector)$")
+_UNSUPPORTED = {"use_dora": "DoRA (see course.dora)", "lora_bias": "a trained LoRA bias",
+                "fan_in_fan_out": "fan_in_fan_out (GPT-2 style Conv1D layers)",
+                "modules_to_save": "modules_to_save (fully trained extra modules)",
+                "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+
+
+def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory. A PEFT adapter is a directory with "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (from save_pretrained or save_peft_adapter).")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: a PEFT adapter directory holds {CONFIG_NAME} "
+                                f"and {WEIGHTS_NAME}.")
+    if not weights_path.is_file():
+        pickled = (directory / "adapter_model.bin").is_file()
+        raise FileNotFoundError(f"{weights_path} is missing." + (
+            " There is an adapter_model.bin (a pickle), which is never loaded here: it can run code. "
+            "Re-save the adapter with safetensors (PEFT's default)." if pickled else ""))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON ({exc}); re-save the adapter.") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; load_peft_adapter "
+                         "reads LoRA adapters (peft_type 'LORA') only.")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key) not in (None, False, {}, [], "none"):
+            raise ValueError(f"This adapter uses {what} ({key}={config[key]!r}), which the course's "
+                             "LoRA layers do not implement.")
+    return config, load_file(weights_path)
+
+
+def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
+    """Put a PEFT LoRA adapter (a directory PEFT or ``save_peft_adapter`` wrote) into ``model``.
+
+    Each module named in the adapter is wrapped in the course's layer for it (``DoRALinear``
+    when the config says ``use_dora``) with the adapter's tensors, r (read from A's shape,
+    so ``rank_pattern`` works), lora_alpha (or its ``alpha_pattern`` entry), lora_dropout
+    and use_rslora; the outputs equal PEFT's. Nothing in ``model`` changes unless the whole
+    adapter fits. Returns ``model``.
+    """
+    directory = Path(directory)
+    config, tensors = _read_adapter(directory)
+    made_for = config.get("base_model_name_or_path") or "an unnamed base model"
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _SUFFIX.search(key)
+        if match is None:
+            raise ValueError(f"Unexpected tensor {key!r} in {directory / WEIGHTS_NAME}: not a LoRA tensor.")
+        name = key[: match.start()].removeprefix(_PREFIX)
+        groups.setdefault(name, {})[match.group(1)] = tensor
+
+    modules = _plain_modules(model)
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
+    new_layers = {}
+    try:
+        for name, state in sorted(groups.items()):
+            new_layers[name] = _layer_from_peft(name, state, modules.get(name), config, made_for)
+    except Exception:
+        for p, flag in was_trainable.items():  # building a layer froze its base: undo that
+            p.requires_grad_(flag)
+        raise
+    for name, layer in new_layers.items():  # everything fitted: now change the model
+        _replace(model, name, layer)
+    return model
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern: a key is a regex for the end of the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dict, made_for: str) -> LoRALayer:
+    if base is None:
+        raise ValueError(f"The adapter has weights for {name!r}, which this model does not have: "
+                         f"the adapter was made for another model ({made_for}).")
+    lora_class = _lora_class_for(base)
+    if lora_class is None or isinstance(base, LoRALayer):
+        raise ValueError(f"{name} is a {type(base).__name__}, which cannot take this LoRA adapter.")
+    A = state.get("lora_A.weight", state.get("lora_embedding_A"))
+    if A is None:
+        raise ValueError(f"The adapter has no A factor for {name} (only {sorted(state)}); it needs A and B.")
+    r = A.shape[0]  # from A: honours rank_pattern
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+    options = {"rslora": bool(config.get("use_rslora"))}
+    if lora_class is LoRALinear:
+        lora_class = _linear_class(config)
+    if lora_class is not LoRAEmbedding:
+        options["dropout"] = float(config.get("lora_dropout") or 0.0)
+    try:
+        layer = lora_class(base, r, alpha, **options)
+    except ValueError as exc:
+        raise ValueError(f"The adapter's {name} does not fit this model ({exc}); it was made for "
+                         f"another base model ({made_for}).") from None
+    own = peft_state(layer)
+    if set(own) != set(state):
+        raise ValueError(f"The adapter has {sorted(state)} for {name}, but a {type(layer).__name__} needs "
+                         f"{sorted(own)}.")
+    for suffix, tensor in state.items():
+        if tensor.shape != own[suffix].shape:
+            raise ValueError(
+                f"Tensor {suffix} of {name} has shape {tuple(tensor.shape)} in the adapter, but this "
+                f"model needs {tuple(own[suffix].shape)}: the adapter was made for another base model "
+                f"({made_for})."
+            )
+        with torch.no_grad():
+            own[suffix].copy_(tensor)
+    return layer
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "peft_state", "save_peft_adapter"]

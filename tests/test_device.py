@@ -1,0 +1,62 @@
+"""Device and dtype policy, with GPUs simulated by patching ``torch.cuda``."""
+
+import pytest
+import torch
+
+from course import device
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("COURSE_DEVICE", raising=False)
+    monkeypatch.delenv("COURSE_DTYPE", raising=False)
+    return monkeypatch
+
+
+def simulate(monkeypatch, name: str, capability: tuple[int, int]):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    # Emulated bfloat16 counts as "supported" on a T4: the policy must not ask this.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.mark.parametrize(("name", "capability", "dtype"), [
+    ("Tesla T4", (7, 5), torch.float16),
+    ("Tesla V100", (7, 0), torch.float16),
+    ("NVIDIA A100", (8, 0), torch.bfloat16),
+    ("NVIDIA L4", (8, 9), torch.bfloat16),
+    ("NVIDIA H100", (9, 0), torch.bfloat16),
+])
+def test_simulated_cards_get_their_half_precision(clean_env, name, capability, dtype):
+    simulate(clean_env, name, capability)
+    assert device.default_device().type == "cuda"
+    assert device.default_dtype() == dtype
+    assert name in device.describe() and str(dtype).removeprefix("torch.") in device.describe()
+
+
+def test_cpu_keeps_float32(clean_env):
+    clean_env.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.default_dtype("cpu") == torch.float32
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "float16"])
+def test_course_dtype_overrides_every_device(clean_env, name):
+    clean_env.setenv("COURSE_DTYPE", name)
+    assert device.default_dtype("cpu") == getattr(torch, name)
+    simulate(clean_env, "Tesla T4", (7, 5))
+    assert device.default_dtype() == getattr(torch, name)
+
+
+def test_course_device_overrides_and_bad_values_say_what_to_use(clean_env):
+    simulate(clean_env, "Tesla T4", (7, 5))
+    clean_env.setenv("COURSE_DEVICE", "cpu")
+    assert device.default_device() == torch.device("cpu")
+    assert device.default_dtype() == torch.float32
+    clean_env.setenv("COURSE_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="cpu, cuda or mps"):
+        device.default_device()
+    clean_env.setenv("COURSE_DEVICE", "cpu")
+    clean_env.setenv("COURSE_DTYPE", "half")
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        device.default_dtype()
