@@ -190,13 +190,17 @@ def _answer_expression(call: ast.Call, where: str) -> str:
 
 
 def exercises(nb: nbformat.NotebookNode, name: str = "notebook") -> list[dict]:
-    """The exercises a solution notebook checks: ``[{"check": name, "answer": expression}, ...]``.
+    """The exercises a solution notebook checks: ``[{"check", "answer", "solution"}, ...]``.
 
     ``answer`` is the expression passed to the check (``LoRALinear``, ``GenerateParams.apply``):
-    the grader evaluates it among the learner's own definitions.
+    the grader evaluates it among the learner's own definitions. ``solution`` is the code cell
+    of the exercise with its markers removed: what ``check.<name>.solution()`` shows.
     """
     found: list[dict] = []
+    answer_cell = None  # the last code cell with a solution region: the exercise the next check judges
     for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and BEGIN in cell.source:
+            answer_cell = cell.source
         if cell.cell_type != "code" or not _CHECK_CALL.search(cell.source):
             continue
         try:
@@ -208,7 +212,9 @@ def exercises(nb: nbformat.NotebookNode, name: str = "notebook") -> list[dict]:
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "check"):
                 answer = _answer_expression(node, f"{name} cell {index}")
                 if all(e["check"] != node.func.attr for e in found):
-                    found.append({"check": node.func.attr, "answer": answer})
+                    solution = "\n".join(line for line in (answer_cell or "").split("\n")
+                                         if line.strip() not in (BEGIN, END))
+                    found.append({"check": node.func.attr, "answer": answer, "solution": solution})
     return found
 
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from course import check
-from course.check.lora import SOLUTION
 from course.lora import LoRALinear
 
 # ---------------------------------------------------------------------------
@@ -256,5 +255,5 @@ def test_the_solution_shown_is_complete_and_passes(capsys):
     out = capsys.readouterr().out
     assert "alpha / r" in out and "def merge" in out
     namespace = {"math": math, "torch": torch, "nn": nn}
-    exec(SOLUTION, namespace)
+    exec(check.lora_linear.solution_source(), namespace)
     assert check.lora_linear.run(namespace["LoRALinear"]).status == "passed"

@@ -173,7 +173,9 @@ def test_a_missing_image_is_named(sandbox):
 def test_the_manifest_lists_each_chapters_exercises_and_is_kept_in_sync(sandbox):
     manifest = notebooks.load_manifest()
     assert sorted(manifest) == sorted(p.stem for p in (sandbox / "solutions").glob("*.ipynb"))
-    assert {"check": "lora_linear", "answer": "LoRALinear"} in manifest["02_lora_from_scratch"]["exercises"]
+    (lora,) = manifest["02_lora_from_scratch"]["exercises"]
+    assert lora["check"] == "lora_linear" and lora["answer"] == "LoRALinear"
+    assert lora["solution"].startswith("class LoRALinear(nn.Module):") and notebooks.BEGIN not in lora["solution"]
     assert manifest["02_lora_from_scratch"]["title"].startswith("02")
     (sandbox / "exercises.json").write_text("{}")
     assert any("exercises.json" in p for p in notebooks.check())
@@ -185,4 +187,4 @@ def test_exercises_read_the_answer_expression():
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nresult = check.generate_params(GenerateParams.apply)"),
                 nbformat.v4.new_code_cell("check.generate_params.hint()")]
-    assert notebooks.exercises(nb) == [{"check": "generate_params", "answer": "GenerateParams.apply"}]
+    assert notebooks.exercises(nb) == [{"check": "generate_params", "answer": "GenerateParams.apply", "solution": ""}]

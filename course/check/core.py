@@ -278,13 +278,34 @@ class Check:
         title = f"Hint {level} of {levels}" if levels > 1 else "Hint"
         return _show_text(f"**{title} for `check.{self.name}`.** {self._hint[level - 1]}{more}", markdown=True)
 
+    def solution_source(self) -> str:
+        """The reference solution's code: the solution notebook's own answer when the exercise
+        manifest has it (one copy of the truth), else the check's ``solution``."""
+        from_notebook = _solutions_in_manifest().get(self.name)
+        if from_notebook:
+            return from_notebook
+        if self._solution is None:
+            return "# No solution is recorded for this check."
+        code = self._solution if isinstance(self._solution, str) else inspect.getsource(self._solution)
+        return textwrap.dedent(code).strip()
+
     def solution(self):
         """Show the reference solution."""
-        code = self._solution if isinstance(self._solution, str) else inspect.getsource(self._solution)
-        return _show_text(f"```python\n{textwrap.dedent(code).strip()}\n```", markdown=True)
+        return _show_text(f"```python\n{self.solution_source()}\n```", markdown=True)
 
     def __repr__(self) -> str:
         return f"<check {self.name}: call it with your answer; .hint(), .solution()>"
+
+
+def _solutions_in_manifest() -> dict[str, str]:
+    """check name -> the solution notebook's answer cell, from ``course/exercises.json``."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "exercises.json"
+    if not path.is_file():
+        return {}
+    chapters = json.loads(path.read_text(encoding="utf-8"))
+    return {e["check"]: e.get("solution", "") for chapter in chapters.values() for e in chapter["exercises"]}
 
 
 def _show_text(text: str, markdown: bool):

@@ -265,41 +265,6 @@ def _check_merge(answer, shape) -> None:
            "nothing when the layer is not merged.")
 
 
-# Shown by check.lora_linear.solution(): one self-contained class (course.lora.LoRALinear
-# shares merge/unmerge with its sibling layers through a base class). A test runs it
-# through the check.
-SOLUTION = """
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
-        self.lora_A = nn.Linear(base.in_features, r, bias=False)  # A: (r, in)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False)  # B: (out, r)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)  # B A = 0: the layer starts as the base layer
-        self.scaling = alpha / r
-        self.dropout = nn.Dropout(dropout)
-        self.merged = False
-
-    def forward(self, x):
-        if self.merged:
-            return self.base(x)
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight += self.scaling * self.lora_B.weight @ self.lora_A.weight
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= self.scaling * self.lora_B.weight @ self.lora_A.weight
-            self.merged = False
-"""
-
-
 @check(
     "lora_linear",
     hint="Store the base layer and freeze it (`base.requires_grad_(False)`). Make "
@@ -309,7 +274,7 @@ class LoRALinear(nn.Module):
     "`self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling`. `merge()` adds "
     "`scaling * B.weight @ A.weight` to the base weight under `torch.no_grad()` unless `self.merged`; "
     "`unmerge()` subtracts it.",
-    solution=SOLUTION,
+    solution=None,  # the solution notebook's answer, from the exercise manifest
     reference="course.lora:LoRALinear",
 )
 def lora_linear(answer):
