@@ -73,6 +73,11 @@ def _grade(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:  # its flags are its own: python -m course finetune --help
+        from course.finetune import main as finetune
+
+        return finetune(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m course", description=__doc__)
     groups = parser.add_subparsers(dest="group", required=True)
 
@@ -103,6 +108,8 @@ def main(argv=None) -> int:
     grade.add_argument("--no-execute", action="store_true",
                        help="judge the exercises without running the notebooks (no cell errors reported)")
     grade.set_defaults(func=_grade)
+
+    groups.add_parser("finetune", help="fine-tune a model with LoRA, DoRA, OLoRA or VeRA (see finetune --help)")
 
     args = parser.parse_args(argv)
     return args.func(args)
