@@ -65,6 +65,17 @@ def _adapters(args) -> int:
     return 0
 
 
+def _site(args) -> int:
+    from course import site
+
+    html, warnings = site.build(quiet=True)
+    for line in warnings:
+        print(line)
+    print(f"site built in {html.relative_to(site.ROOT)}: open {(html / 'index.html').relative_to(site.ROOT)}"
+          + (f" ({len(warnings)} warnings)" if warnings else ""))
+    return 1 if warnings else 0
+
+
 def _grade(args) -> int:
     from course.grade import grade_many
 
@@ -108,6 +119,10 @@ def main(argv=None) -> int:
     grade.add_argument("--no-execute", action="store_true",
                        help="judge the exercises without running the notebooks (no cell errors reported)")
     grade.set_defaults(func=_grade)
+
+    site = groups.add_parser("site", help="build the course website from the solution notebooks (make site)")
+    site.add_argument("command", choices=["build"])
+    site.set_defaults(func=_site)
 
     groups.add_parser("finetune", help="fine-tune a model with LoRA, DoRA, OLoRA or VeRA (see finetune --help)")
 

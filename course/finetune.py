@@ -8,6 +8,7 @@ with LoRA in a few CPU minutes, evaluates on held-out questions and writes a PEF
     python -m course finetune --method dora --lora_r 4 --output_dir outputs/dora
     python -m course finetune --data_path my.jsonl --base_model path/to/model --quantize
     python -m course finetune --output_dir outputs/dora --resume  # continue a stopped run
+    python -m course finetune --output_dir outputs/dora --resume --max_steps 60   # or extend a finished one
 
 The methods come from PEFT (LoRA, DoRA, OLoRA, VeRA); an OLoRA adapter is converted to plain
 LoRA on the way out (PEFT's ``path_initial_model_for_weight_conversion``), so it works on the
@@ -331,10 +332,10 @@ def run(o: argparse.Namespace) -> dict:
             bar.set_postfix(loss=f"{mean:.3f}")
             if o.eval_step and step % o.eval_step == 0 and step != total:
                 evaluation()
-            if o.save_step and step % o.save_step == 0 and step != total and main_process:
-                weights = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-                save_checkpoint(out, step, weights, optimizer, {"history": history})
-            if o.save_step and step % o.save_step == 0:
+            if o.save_step and (step % o.save_step == 0 or step == total):  # the last one too: a run can be extended
+                if main_process:
+                    weights = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+                    save_checkpoint(out, step, weights, optimizer, {"history": history})
                 accelerator.wait_for_everyone()
             if step >= total:
                 break
