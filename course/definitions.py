@@ -101,8 +101,9 @@ def extract(nb) -> Definitions:
 def load(definitions: Definitions, module_name: str = "__learner__") -> tuple[types.ModuleType, list[str]]:
     """Execute the definitions, statement by statement, in a new module; return it and the errors.
 
-    A statement that fails (an import of a missing package, say) is reported and skipped:
-    the rest is still defined.
+    A definition that fails (an import of a missing package, say) is reported and skipped: the
+    rest is still defined. A constant that fails (it named a variable computed elsewhere) is
+    skipped silently: it was data, not a definition.
     """
     import sys
 
@@ -119,5 +120,6 @@ def load(definitions: Definitions, module_name: str = "__learner__") -> tuple[ty
             try:
                 exec(code, module.__dict__)
             except Exception as exc:
-                errors.append(f"cell {index}, line {node.lineno}: {type(exc).__name__}: {exc}")
+                if not isinstance(node, (ast.Assign, ast.AnnAssign)):  # a constant that fails is just left out
+                    errors.append(f"cell {index}, line {node.lineno}: {type(exc).__name__}: {exc}")
     return module, errors

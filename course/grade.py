@@ -200,8 +200,9 @@ def grade(path, *, quick: bool = False, timeout: float = 900, run: bool = True) 
     checks = [judge(definitions, exercise, quick=quick) for exercise in expected]
     for verdict in checks:
         for problem in verdict.pop("definition_errors", []):
-            if problem not in errors:
-                errors.append(f"while loading your definitions: {problem}")
+            line = f"while loading your definitions: {problem}"
+            if line not in errors:
+                errors.append(line)
     passed = sum(c["status"] == "passed" for c in checks)
     score = passed / len(expected) if expected else 1.0
     return Report(str(path), chapter, round(score, 4), passed, len(expected), checks, errors,

@@ -331,15 +331,32 @@ def execute(path: Path, *, timeout: int = 900, allow_errors: bool = False, env: 
     return nb, time.perf_counter() - start, error
 
 
+def source_hash(nb: nbformat.NotebookNode) -> str:
+    """A fingerprint of a notebook's code (cell 1, the shared set-up cell, left out): outputs saved by
+    ``run_solutions`` carry it, so a test can tell when a solution was edited but not run again."""
+    import hashlib
+
+    code = [c.source for i, c in enumerate(nb.cells) if c.cell_type == "code" and i != 1]
+    return hashlib.sha256(json.dumps(code).encode("utf-8")).hexdigest()
+
+
 def run_solutions(paths=None, *, write_back: bool = True) -> list[tuple[str, float, str]]:
-    """Execute solution notebooks, write their outputs back; rows of (name, seconds, status)."""
+    """Execute solution notebooks at the full budget, write their outputs back; rows of (name, seconds, status).
+
+    The notebook's metadata records what produced the outputs: the code's ``source_hash``, the
+    seconds the run took and the device it ran on.
+    """
+    from course.device import describe
+
     rows = []
     for path in paths or solution_paths():
         path = Path(path)
-        nb, seconds, error = execute(path, env={"COURSE_STRICT_CHECKS": "1"})
+        nb, seconds, error = execute(path, env={"COURSE_STRICT_CHECKS": "1", "COURSE_QUICK": None})
         if write_back and error is None:
             nb.metadata["kernelspec"] = dict(KERNELSPEC)
             nb.metadata["language_info"] = {"name": "python"}
+            nb.metadata["course"] = {"chapter": chapter_of(path), "source_sha256": source_hash(nb),
+                                     "seconds": round(seconds, 1), "device": describe()}
             atomic_write(path, dumps(nb))
         rows.append((path.name, seconds, "ok" if error is None else f"FAILED: {error}"))
         print(f"{path.name:40s} {seconds:7.1f} s  {rows[-1][2]}", flush=True)

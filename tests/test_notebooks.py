@@ -188,3 +188,23 @@ def test_exercises_read_the_answer_expression():
     nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nresult = check.generate_params(GenerateParams.apply)"),
                 nbformat.v4.new_code_cell("check.generate_params.hint()")]
     assert notebooks.exercises(nb) == [{"check": "generate_params", "answer": "GenerateParams.apply", "solution": ""}]
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_saved_outputs_come_from_the_current_code(path):
+    """The prose cites numbers the outputs show: outputs from older code would make it lie."""
+    nb = nbformat.read(path, as_version=4)
+    recorded = nb.metadata.get("course", {}).get("source_sha256")
+    assert recorded == notebooks.source_hash(nb), (
+        f"{path.name}: its code changed after its outputs were saved; run "
+        f"`python -m course notebooks run solutions/{path.name}` (or `make run`) and commit the result")
+
+
+def test_the_freshness_fingerprint_sees_code_changes_but_not_outputs():
+    nb = nbformat.read(notebooks.SOLUTIONS / "00_welcome.ipynb", as_version=4)
+    before = notebooks.source_hash(nb)
+    nb.cells[3].outputs = []
+    nb.cells[1].source += "\n# the shared set-up cell is rewritten by build"
+    assert notebooks.source_hash(nb) == before
+    nb.cells[3].source += "\nprint('changed')"
+    assert notebooks.source_hash(nb) != before
