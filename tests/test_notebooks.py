@@ -173,9 +173,11 @@ def test_a_missing_image_is_named(sandbox):
 def test_the_manifest_lists_each_chapters_exercises_and_is_kept_in_sync(sandbox):
     manifest = notebooks.load_manifest()
     assert sorted(manifest) == sorted(p.stem for p in (sandbox / "solutions").glob("*.ipynb"))
-    (lora,) = manifest["02_lora_from_scratch"]["exercises"]
+    lora, inject = manifest["02_lora_from_scratch"]["exercises"]
     assert lora["check"] == "lora_linear" and lora["answer"] == "LoRALinear"
     assert lora["solution"].startswith("class LoRALinear(nn.Module):") and notebooks.BEGIN not in lora["solution"]
+    assert inject["check"] == "inject_lora" and inject["answer"] == "inject"
+    assert inject["solution"].startswith("def inject(model, targets, r, alpha, layer):")
     assert manifest["02_lora_from_scratch"]["title"].startswith("02")
     (sandbox / "exercises.json").write_text("{}")
     assert any("exercises.json" in p for p in notebooks.check())
