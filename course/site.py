@@ -9,8 +9,8 @@ and ``README.md``, so adding a chapter needs no change here:
   at the chapter pages;
 - ``chapters/*.ipynb``: copies of the solutions with a line under the title linking the student
   version, the Colab badge drawn from a local file (so that it shows offline), images embedded as
-  attachments written out as files, and live widgets dropped (their cells also draw a static
-  result, which stays).
+  attachments written out as files, and live widgets replaced by the static text ``notebooks run``
+  saved for them (a progress bar's last line; the cell's own plot for an interactive widget).
 
 Jupyter Book 1 (Sphinx, MyST-NB) builds it offline.
 """
@@ -95,8 +95,8 @@ def _chapter(path: Path) -> nbformat.NotebookNode:
         if cell.cell_type == "markdown":
             cell.source = _ATTACHMENT.sub(lambda m: f"(../images/{m.group(1)})", cell.source)
             cell.pop("attachments", None)
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.get("outputs", []) if WIDGET not in o.get("data", {})]
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            output.get("data", {}).pop(WIDGET, None)  # no live widgets: their static text stays
     nb.metadata.pop("widgets", None)
     return nb
 
