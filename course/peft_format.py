@@ -57,11 +57,16 @@ def peft_state(layer: LoRALayer) -> dict[str, torch.Tensor]:
 
 
 def _linear_class(config: dict) -> type[LoRALinear]:
-    """The course class for a Linear target of this config (``use_dora`` -> ``DoRALinear``)."""
+    """The course class for a Linear target of this config (``use_dora`` -> ``DoRALinear``,
+    ``init_lora_weights="olora"`` -> ``OLoRALinear``)."""
     if config.get("use_dora"):
         from course.dora import DoRALinear
 
         return DoRALinear
+    if str(config.get("init_lora_weights")).lower() == "olora":  # as PEFT: redo the QR, change the base
+        from course.olora import OLoRALinear
+
+        return OLoRALinear
     return LoRALinear
 
 
@@ -186,6 +191,10 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
 
     modules = _plain_modules(model)
     was_trainable = {p: p.requires_grad for p in model.parameters()}
+    # OLoRA layers change their base weight when built: keep the originals to put back on failure.
+    originals = ({name: modules[name].weight.detach().clone() for name in groups
+                  if isinstance(modules.get(name), nn.Linear)}
+                 if getattr(_linear_class(config), "changes_base_weight", False) else {})
     new_layers = {}
     try:
         for name, state in sorted(groups.items()):
@@ -193,6 +202,9 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     except Exception:
         for p, flag in was_trainable.items():  # building a layer froze its base: undo that
             p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)
         raise
     for name, layer in new_layers.items():  # everything fitted: now change the model
         _replace(model, name, layer)
