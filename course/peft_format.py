@@ -136,7 +136,7 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
 
 
 _SUFFIX = re.compile(r"\.(lora_(?:A|B)\.weight|lora_embedding_(?:A|B)|lora_magnitude_vector)$")
-_UNSUPPORTED = {"use_dora": "DoRA (see course.dora)", "lora_bias": "a trained LoRA bias",
+_UNSUPPORTED = {"lora_bias": "a trained LoRA bias",
                 "fan_in_fan_out": "fan_in_fan_out (GPT-2 style Conv1D layers)",
                 "modules_to_save": "modules_to_save (fully trained extra modules)",
                 "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
@@ -234,6 +234,9 @@ def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dic
     options = {"rslora": bool(config.get("use_rslora"))}
     if lora_class is LoRALinear:
         lora_class = _linear_class(config)
+    elif config.get("use_dora"):
+        raise ValueError(f"This DoRA adapter puts DoRA on {name}, a {type(base).__name__}; the course's "
+                         "DoRALinear handles nn.Linear layers only. Load it with peft.PeftModel.from_pretrained.")
     if lora_class is not LoRAEmbedding:
         options["dropout"] = float(config.get("lora_dropout") or 0.0)
     try:
