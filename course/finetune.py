@@ -12,7 +12,9 @@ with LoRA in a few CPU minutes, evaluates on held-out questions and writes a PEF
 
 The methods come from PEFT (LoRA, DoRA, OLoRA, VeRA); an OLoRA adapter is converted to plain
 LoRA on the way out (PEFT's ``path_initial_model_for_weight_conversion``), so it works on the
-unmodified base model. The training loop runs on ``accelerate``, so the very same command is
+unmodified base model. NOLA has no PEFT implementation: it uses the course's layers
+(``course.nola``, notebook 05), and writes both its own small file (coefficients and seeds, in
+``nola/``) and the generated factors as a plain PEFT LoRA adapter. The training loop runs on ``accelerate``, so the very same command is
 data-parallel under a launcher, one process per device (``--batch_size`` is per process)::
 
     torchrun --nproc_per_node 2 -m course finetune --batch_size 8
@@ -37,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("lora", "dora", "olora", "vera")
-OURS = {"adapter_config.json", "adapter_model.safetensors", "finetune.json", "README.md", "olora-initial"}
+METHODS = ("lora", "dora", "olora", "nola", "vera")
+OURS = {"adapter_config.json", "adapter_model.safetensors", "finetune.json", "README.md", "olora-initial", "nola"}
 
 
 class UsageError(ValueError):
@@ -79,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save_step", type=int, default=10, help="checkpoint every this many steps (0: never)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 or mps")
     p.add_argument("--lora_r", type=int, default=8, help="rank (VeRA: the shared projection's rank)")
+    p.add_argument("--nola_num_basis", type=int, default=256,
+                   help="NOLA: random basis matrices per factor (trained numbers per layer: twice this)")
     p.add_argument("--lora_alpha", type=float, default=16.0)
     p.add_argument("--lora_dropout", type=float, default=0.0)
     p.add_argument("--lora_target_modules", default="all-linear",
@@ -90,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
 
 def check_flags(o: argparse.Namespace) -> None:
     """Refuse impossible values before anything is loaded."""
-    for name in ("batch_size", "cutoff_len", "lora_r"):
+    for name in ("batch_size", "cutoff_len", "lora_r", "nola_num_basis"):
         if getattr(o, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(o, name)}.")
     for name in ("num_epochs", "max_steps", "eval_step", "save_step", "val_set_size"):
@@ -102,6 +106,9 @@ def check_flags(o: argparse.Namespace) -> None:
         raise UsageError("--learning_rate and --lora_alpha must be positive.")
     if not 0 <= o.lora_dropout < 1:
         raise UsageError(f"--lora_dropout is a probability in [0, 1), got {o.lora_dropout}.")
+    if o.method == "nola" and o.quantize:
+        raise UsageError("--method nola uses the course's own layers, which wrap full-precision nn.Linear layers: "
+                         "drop --quantize (or choose a PEFT method: lora, dora, olora, vera).")
     if o.resume and o.output_dir is None:
         raise UsageError("--resume continues the run in --output_dir: name that folder.")
 
@@ -196,11 +203,28 @@ def adapter_config(o, model):
                 raise UsageError(f"--lora_r {o.lora_r} is larger than layer {name} ({module.in_features} -> "
                                  f"{module.out_features}) allows: B A has rank at most {smallest}. Choose a smaller "
                                  "--lora_r or other --lora_target_modules.")
+    if o.method == "nola":
+        return {"target_modules": sorted(found)}  # no PEFT config: the course's layers (nola_model)
     if o.method == "vera":
         return VeraConfig(r=o.lora_r, target_modules=targets, vera_dropout=o.lora_dropout, task_type="CAUSAL_LM")
     return LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout, target_modules=targets,
                       use_dora=o.method == "dora", init_lora_weights="olora" if o.method == "olora" else True,
                       task_type="CAUSAL_LM")
+
+
+def nola_model(o, model, config: dict):
+    """NOLA on the targeted linear layers with the course's ``NOLALoRALinear`` (notebook 05).
+
+    Each layer's random basis comes from ``--seed`` and the layer's name, so every process
+    builds the same one; only the coefficients train.
+    """
+    from course.lora import inject_lora, mark_only_lora_as_trainable
+    from course.nola import nola_layer
+
+    inject_lora(model, config["target_modules"], o.lora_r, o.lora_alpha, o.lora_dropout,
+                layer=nola_layer(model, o.seed), num_basis_A=o.nola_num_basis, num_basis_B=o.nola_num_basis)
+    mark_only_lora_as_trainable(model)
+    return model
 
 
 def _batches(encoded, batch_size: int, seed: int, epoch: int):
@@ -265,7 +289,7 @@ def run(o: argparse.Namespace) -> dict:
     model, tokenizer = load_model(o, device)
     config = adapter_config(o, model)
     torch.manual_seed(o.seed)  # the same initial adapter in every process
-    model = get_peft_model(model, config)
+    model = nola_model(o, model, config) if o.method == "nola" else get_peft_model(model, config)
     if o.method == "olora" and main_process and not (out / "olora-initial").is_dir():
         with atomic_directory(out / "olora-initial") as tmp:  # the start point, for the conversion at the end
             model.save_pretrained(tmp)
@@ -349,7 +373,14 @@ def run(o: argparse.Namespace) -> dict:
         peft_model = accelerator.unwrap_model(model)
         peft_model = getattr(peft_model, "_orig_mod", peft_model)  # torch.compile's wrapper
         with atomic_directory(out, keep_others=True) as tmp:
-            if o.method == "olora":  # rank 2r, alpha 2 * alpha, on the unmodified base (PEFT's conversion)
+            if o.method == "nola":  # the generated A and B as plain LoRA, and NOLA's own small file
+                from course.lora import save_peft_adapter
+                from course.nola import save_nola
+
+                save_peft_adapter(peft_model, tmp, base_model_name_or_path=peft_model.config.name_or_path,
+                                  task_type="CAUSAL_LM")
+                save_nola(peft_model, tmp / "nola")
+            elif o.method == "olora":  # rank 2r, alpha 2 * alpha, on the unmodified base (PEFT's conversion)
                 peft_model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out / "olora-initial"))
             else:
                 peft_model.save_pretrained(tmp)

@@ -69,6 +69,18 @@ def test_each_method_trains_and_writes_an_adapter_peft_loads(method, tiny_model,
         assert config["use_dora"] is True
     if method == "vera":
         assert config["peft_type"] == "VERA"
+    if method == "nola":  # its own file (coefficients, seeds) and PEFT's plain LoRA give the same model
+        from course.nola import load_nola, nola_layers
+        from transformers import AutoModelForCausalLM
+
+        nola = load_nola(AutoModelForCausalLM.from_pretrained(tiny_model), out / "nola")
+        assert len(nola_layers(nola)) == 14 and config["peft_type"] == "LORA"  # 7 linears x 2 blocks
+        with torch.no_grad():
+            own = nola(input_ids=torch.arange(1, 9)[None]).logits
+        torch.testing.assert_close(own, with_adapter, rtol=1e-5, atol=1e-5)  # float32, same sums
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        with torch.no_grad():
+            assert not torch.allclose(base(input_ids=torch.arange(1, 9)[None]).logits, own), "the adapter did nothing"
 
 
 def test_a_crashed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_run_ends(
@@ -161,13 +173,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tmp_path
     (["--lora_target_modules", "query,value"], "matches no linear layer"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--resume"], "holds files that are not from this command"),
+    (["--method", "nola", "--quantize"], "drop --quantize"),
 ])
 def test_bad_input_is_refused_before_training_with_the_flag_named(extra, phrase, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     if "--resume" in extra:
         out.mkdir()
         (out / "thesis.tex").write_text("somebody else's work")
-    with pytest.raises(SystemExit) if extra[0] == "--method" else _no_raise():
+    with pytest.raises(SystemExit) if extra == ["--method", "ia3"] else _no_raise():
         code = main(["finetune", *flags(tiny_model, out), *extra])
         assert code == 2
     err = capsys.readouterr().err
