@@ -27,7 +27,7 @@ from pathlib import Path
 import nbformat
 
 import course
-from course.notebooks import IMAGES, ROOT, SOLUTIONS, _ATTACHMENT
+from course.notebooks import _ATTACHMENT, IMAGES, ROOT, SOLUTIONS
 
 SITE = ROOT / "site"
 HTML = SITE / "_build" / "html"
