@@ -124,7 +124,7 @@ def test_logps_margins_and_loss_match_trl_on_a_real_batch(dpo_trainer, pairs, to
     model.train()
     with torch.no_grad():
         trl_loss = dpo_trainer.compute_loss(model, batch)
-    trl_margin = dpo_trainer._metrics["train"]["rewards/margins"][-1]
+    metrics = {key: values[-1] for key, values in dpo_trainer._metrics["train"].items()}
     policy = rlhf.preference_logps(model, tokenizer, pairs)
     with model.disable_adapter():
         reference = rlhf.preference_logps(model, tokenizer, pairs)
@@ -132,8 +132,12 @@ def test_logps_margins_and_loss_match_trl_on_a_real_batch(dpo_trainer, pairs, to
     ours = dpo_loss(*policy, *reference, beta=0.3).mean()
     # float32 forward passes of different batch shapes (padding): rounding of order 1e-6.
     torch.testing.assert_close(ours, trl_loss, rtol=1e-4, atol=1e-5)
+    # The log-probabilities themselves (a prompt token counted in would cancel in the loss, not here).
+    assert abs(policy[0].mean().item() - metrics["logps/chosen"]) < 1e-4
+    assert abs(policy[1].mean().item() - metrics["logps/rejected"]) < 1e-4
+    assert abs(0.3 * (policy[0] - reference[0]).mean().item() - metrics["rewards/chosen"]) < 1e-4
     margins = rlhf.reward_margins(policy, reference, beta=0.3)
-    assert abs(margins.mean().item() - trl_margin) < 1e-4
+    assert abs(margins.mean().item() - metrics["rewards/margins"]) < 1e-4
 
 
 def test_reward_margins_are_zero_when_the_policy_is_the_reference():
@@ -239,6 +243,12 @@ def test_tensor_bytes_counts_shared_tensors_once(tokenizer):
     once += sum(b.numel() * b.element_size() for b in model.buffers())
     assert rlhf.tensor_bytes(model) == once
     assert every - model.lm_head.weight.numel() * 4 == sum(p.numel() * 4 for p in model.parameters())
+    # Two Parameter objects over one storage (as a reference sharing a policy's weights): counted once.
+    shared = torch.nn.Module()
+    weight = torch.zeros(10, 10)
+    shared.a, shared.b = torch.nn.Parameter(weight), torch.nn.Parameter(weight)
+    assert len(list(shared.parameters())) == 2
+    assert rlhf.tensor_bytes(shared) == 10 * 10 * 4
 
 
 def test_memory_growth_sees_a_new_tensor():
@@ -262,3 +272,11 @@ def test_sampled_reward_is_seeded_and_leaves_the_random_state_alone(tokenizer):
     assert first == second
     assert set(first) == {"addition_reward", "number_only_reward", "reward"}
     assert first["reward"] == first["addition_reward"] + first["number_only_reward"]
+
+    def reply_length(completions, **kwargs):  # varies with every sampled token, unlike the task's rewards
+        return [float(len(c[-1]["content"])) for c in completions]
+
+    lengths = [rlhf.sampled_reward(model, tokenizer, prompts, reply_length, samples=2, max_new_tokens=3, seed=seed)
+               for seed in (0, 0, 1)]
+    assert lengths[0] == lengths[1], "the same seed samples the same replies"
+    assert lengths[0] != lengths[2], "another seed samples other replies"
