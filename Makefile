@@ -16,12 +16,13 @@ KEY   := $(shell cat pyproject.toml constraints.txt 2>/dev/null | { cat; echo "$
 STAMP := $(VENV)/.installed-$(KEY)
 PIP   := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup lab test run notebooks clean-venv help
+.PHONY: setup lab test run notebooks site clean-venv help
 
 help:
 	@echo "make lab   set up .venv, prepare the base model, open JupyterLab on notebooks/"
 	@echo "make test  set up, then run the whole test suite (what CI runs)"
 	@echo "make run   set up, then execute every solution notebook and print a timing table"
+	@echo "make site  set up, then build the course website into site/_build/html (offline)"
 
 $(STAMP):
 	@echo ">> setting up $(VENV) (once; skipped while pyproject.toml, constraints.txt and TORCH_SPEC are unchanged)"
@@ -47,6 +48,9 @@ run: setup
 
 notebooks: setup
 	$(PY) -m course notebooks build
+
+site: setup
+	$(PY) -m course site build
 
 clean-venv:
 	rm -rf $(VENV)

@@ -65,13 +65,30 @@ def _adapters(args) -> int:
     return 0
 
 
+def _site(args) -> int:
+    from course import site
+
+    html, warnings = site.build(quiet=True)
+    for line in warnings:
+        print(line)
+    print(f"site built in {html.relative_to(site.ROOT)}: open {(html / 'index.html').relative_to(site.ROOT)}"
+          + (f" ({len(warnings)} warnings)" if warnings else ""))
+    return 1 if warnings else 0
+
+
 def _grade(args) -> int:
     from course.grade import grade_many
 
-    return grade_many(args.paths, as_json=args.json, quick=args.quick)
+    return grade_many(args.paths, as_json=args.json, csv_path=args.csv, quick=args.quick, timeout=args.timeout,
+                      run=not args.no_execute)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:  # its flags are its own: python -m course finetune --help
+        from course.finetune import main as finetune
+
+        return finetune(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m course", description=__doc__)
     groups = parser.add_subparsers(dest="group", required=True)
 
@@ -92,11 +109,22 @@ def main(argv=None) -> int:
     adapters.add_argument("--steps", type=int, help="override the recipe's step count (a quick try; the result is not what ships)")
     adapters.set_defaults(func=_adapters)
 
-    grade = groups.add_parser("grade", help="grade student notebooks")
-    grade.add_argument("paths", nargs="+")
-    grade.add_argument("--json", action="store_true", help="one JSON report per notebook")
+    grade = groups.add_parser("grade", help="grade student notebooks (files or folders)")
+    grade.add_argument("paths", nargs="+", help="notebooks, or folders of notebooks")
+    grade.add_argument("--json", action="store_true", help="print one JSON object per notebook")
+    grade.add_argument("--csv", metavar="FILE", help="write a gradebook: one row per submission, one column per exercise")
+    grade.add_argument("--timeout", type=float, default=900, metavar="S",
+                       help="seconds a notebook may run before its kernel is stopped (default 900)")
     grade.add_argument("--quick", action="store_true", help="shrink training budgets (COURSE_QUICK=1)")
+    grade.add_argument("--no-execute", action="store_true",
+                       help="judge the exercises without running the notebooks (no cell errors reported)")
     grade.set_defaults(func=_grade)
+
+    site = groups.add_parser("site", help="build the course website from the solution notebooks (make site)")
+    site.add_argument("command", choices=["build"])
+    site.set_defaults(func=_site)
+
+    groups.add_parser("finetune", help="fine-tune a model with LoRA, DoRA, OLoRA or VeRA (see finetune --help)")
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -7,7 +7,9 @@ so every chapter can show a real, measured improvement on held-out questions.
 Splits are ``datasets.Dataset`` objects. Each row has ``prompt`` (the question),
 ``answer`` (the number as text), and ``messages`` (the chat format TRL's
 ``SFTTrainer`` takes). ``addition_preferences`` adds ``chosen`` / ``rejected`` for
-DPO, and ``addition_reward`` scores completions for GRPO.
+DPO, and ``addition_reward`` scores completions for GRPO. Replies are scored by
+``exact_match`` (the first number must be the sum) and, leniently, by ``lenient_match``
+(the sum appears anywhere in the reply).
 """
 
 from __future__ import annotations
@@ -97,14 +99,38 @@ def is_correct(reply: str, answer: str) -> bool:
     return extract_number(reply) == str(answer).strip()
 
 
-def exact_match(replies, answers) -> float:
-    """Fraction of replies whose first number equals the answer."""
+def _paired(replies, answers, metric: str) -> list[tuple[str, str]]:
     replies, answers = list(replies), list(answers)
     if len(replies) != len(answers):
         raise ValueError(f"{len(replies)} replies for {len(answers)} answers")
     if not answers:
-        raise ValueError("exact_match needs at least one answer")
-    return sum(is_correct(r, a) for r, a in zip(replies, answers, strict=True)) / len(answers)
+        raise ValueError(f"{metric} needs at least one answer")
+    return list(zip(replies, answers, strict=True))
+
+
+def exact_match(replies, answers) -> float:
+    """Fraction of replies whose first number equals the answer."""
+    pairs = _paired(replies, answers, "exact_match")
+    return sum(is_correct(r, a) for r, a in pairs) / len(pairs)
+
+
+def contains_answer(reply: str, answer: str) -> bool:
+    """Whether the answer appears as a whole number anywhere in the reply (notebooks 00, 02).
+
+    ``"56 + 29 = 85"`` contains ``"85"``; ``"850"`` and ``"8.5"`` do not. On the addition task
+    restating the question cannot score: a sum of two two-digit numbers is neither of them.
+    """
+    return str(answer).strip() in _NUMBER.findall(reply)
+
+
+def lenient_match(replies, answers) -> float:
+    """Fraction of replies that contain the answer anywhere (``contains_answer``), whatever the format.
+
+    Beside ``exact_match`` it separates format from arithmetic: a model that writes
+    ``"56 + 29 = 85"`` has the sum right (lenient) in the wrong format (exact).
+    """
+    pairs = _paired(replies, answers, "lenient_match")
+    return sum(contains_answer(r, a) for r, a in pairs) / len(pairs)
 
 
 def addition_reward(completions, answer, **kwargs) -> list[float]:

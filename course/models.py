@@ -236,6 +236,11 @@ def _local_path(source: ModelSource, progress: bool) -> str:
     return source.path
 
 
+def model_path(name: str | None = None, *, progress: bool = True) -> str:
+    """What to give ``from_pretrained`` for ``name`` (see ``resolve_model``), preparing the embedded copy once."""
+    return _local_path(resolve_model(name), progress)
+
+
 def load_tokenizer(name: str | None = None):
     """The tokenizer of the base model (see ``resolve_model`` for where it comes from)."""
     from transformers import AutoTokenizer

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import html
 import json
 import os
 import re
@@ -308,8 +309,92 @@ def environment(**overrides: str | None):
                 os.environ[key] = value
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+_TQDM_PARTS = ["HTMLModel", "FloatProgressModel", "HTMLModel"]  # tqdm.notebook's bar: label, bar, counts
+
+
+def _widget_text(model_id: str, state: dict) -> str:
+    """A static text for a widget, from its final state: a tqdm bar as its last line, else a note."""
+    model = state.get(model_id)
+    if model is None:
+        return "(a widget: run the notebook to see it)"
+    children = [state.get(str(child).removeprefix("IPY_MODEL_"), {}) for child in model["state"].get("children", [])]
+    if [child.get("model_name") for child in children] == _TQDM_PARTS:
+        label, bar, counts = (child["state"] for child in children)
+        done = (bar.get("value") or 0) / bar["max"] if bar.get("max") else 0.0
+        filled = min(10, max(0, round(10 * done)))
+        text = f"{label.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{counts.get('value', '')}"
+        return html.unescape(text).replace("\u2007", " ")
+    controls, todo = [], list(children)
+    while todo:  # the controls' labels, in order, however deeply the layout nests them
+        child = todo.pop(0)
+        if child.get("state", {}).get("description"):
+            controls.append(child["state"]["description"])
+        todo[:0] = [state.get(str(c).removeprefix("IPY_MODEL_"), {}) for c in child.get("state", {}).get("children", [])]
+    named = f" ({', '.join(controls)})" if controls else ""
+    return f"(an interactive widget{named}: run the notebook to use it)"
+
+
+def static_widget_text(nb: nbformat.NotebookNode) -> int:
+    """Give every widget output a text fallback that tells the truth without a kernel; return how many.
+
+    A widget's saved ``text/plain`` is what it looked like when first displayed: a tqdm bar
+    at " 0%|", an ``interact`` as "interactive(children=(...". GitHub and other renderers
+    without widget support show exactly that. The execution stores each widget's final
+    state in the notebook's metadata; from it a progress bar gets its last line
+    ("desc: 100%|██████████| 30/30 [...]") and any other widget a short note.
+    """
+    state = nb.metadata.get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    changed = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(_WIDGET_VIEW)
+            if view and "model_id" in view:
+                output["data"]["text/plain"] = _widget_text(view["model_id"], state)
+                changed += 1
+    return changed
+
+
+_OUTPUT_PROBLEMS = {
+    "an absolute path of the machine": re.compile(r"/root/|/home/|/tmp/|/work/|/Users/|site-packages|[A-Z]:\\Users\\"),
+    "an ANSI escape sequence": re.compile(r"\x1b"),
+    "a progress bar frozen at 0%": re.compile(r"(?:^|[\s:])0%\|", re.MULTILINE),
+    'a widget saved as "interactive(children=..."': re.compile(r"interactive\(children="),
+}
+
+
+def _output_texts(output) -> list[str]:
+    texts = [output.get("text", "")] if output.get("output_type") == "stream" else []
+    texts += [value for key, value in output.get("data", {}).items()
+              if key.startswith("text/") and isinstance(value, str)]
+    texts += [output.get("evalue", ""), *output.get("traceback", [])]
+    return [t if isinstance(t, str) else "".join(t) for t in texts]
+
+
+def output_problems(nb: nbformat.NotebookNode, name: str = "notebook") -> list[str]:
+    """What a reader without a kernel should not see in saved outputs, one line per finding.
+
+    Absolute paths of the machine that ran it, ANSI escape sequences (raw on GitHub), progress
+    bars frozen at 0% and widgets saved as their ``repr``.
+    """
+    problems = []
+    for index, cell in enumerate(nb.cells):
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            for text in _output_texts(output):
+                for what, pattern in _OUTPUT_PROBLEMS.items():
+                    match = pattern.search(text)
+                    if match:
+                        around = text[max(0, match.start() - 30): match.end() + 30].replace("\n", " ")
+                        problems.append(f"{name} cell {index}: {what}: ...{around!r}...")
+    return problems
+
+
 def execute(path: Path, *, timeout: int = 900, allow_errors: bool = False, env: dict | None = None):
-    """Run a notebook headless in its own folder; return (notebook, seconds, error or None)."""
+    """Run a notebook headless in its own folder; return (notebook, seconds, error or None).
+
+    Widget outputs get a static text fallback from their final state (``static_widget_text``).
+    """
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -328,19 +413,39 @@ def execute(path: Path, *, timeout: int = 900, allow_errors: bool = False, env: 
             client.execute()
         except CellExecutionError as exc:
             error = str(exc).strip().splitlines()[-1] if str(exc).strip() else "cell error"
+    static_widget_text(nb)
     return nb, time.perf_counter() - start, error
 
 
+def source_hash(nb: nbformat.NotebookNode) -> str:
+    """A fingerprint of a notebook's code (cell 1, the shared set-up cell, left out): outputs saved by
+    ``run_solutions`` carry it, so a test can tell when a solution was edited but not run again."""
+    import hashlib
+
+    code = [c.source for i, c in enumerate(nb.cells) if c.cell_type == "code" and i != 1]
+    return hashlib.sha256(json.dumps(code).encode("utf-8")).hexdigest()
+
+
 def run_solutions(paths=None, *, write_back: bool = True) -> list[tuple[str, float, str]]:
-    """Execute solution notebooks, write their outputs back; rows of (name, seconds, status)."""
+    """Execute solution notebooks at the full budget, write their outputs back; rows of (name, seconds, status).
+
+    The notebook's metadata records what produced the outputs: the code's ``source_hash``, the
+    seconds the run took and the device it ran on.
+    """
+    from course.device import describe
+
     rows = []
     for path in paths or solution_paths():
         path = Path(path)
-        nb, seconds, error = execute(path, env={"COURSE_STRICT_CHECKS": "1"})
+        nb, seconds, error = execute(path, env={"COURSE_STRICT_CHECKS": "1", "COURSE_QUICK": None})
         if write_back and error is None:
             nb.metadata["kernelspec"] = dict(KERNELSPEC)
             nb.metadata["language_info"] = {"name": "python"}
+            nb.metadata["course"] = {"chapter": chapter_of(path), "source_sha256": source_hash(nb),
+                                     "seconds": round(seconds, 1), "device": describe()}
             atomic_write(path, dumps(nb))
         rows.append((path.name, seconds, "ok" if error is None else f"FAILED: {error}"))
         print(f"{path.name:40s} {seconds:7.1f} s  {rows[-1][2]}", flush=True)
+        for problem in output_problems(nb, path.name) if error is None else []:
+            print(f"  saved output: {problem}", flush=True)
     return rows

@@ -57,11 +57,16 @@ def peft_state(layer: LoRALayer) -> dict[str, torch.Tensor]:
 
 
 def _linear_class(config: dict) -> type[LoRALinear]:
-    """The course class for a Linear target of this config (``use_dora`` -> ``DoRALinear``)."""
+    """The course class for a Linear target of this config (``use_dora`` -> ``DoRALinear``,
+    ``init_lora_weights="olora"`` -> ``OLoRALinear``)."""
     if config.get("use_dora"):
         from course.dora import DoRALinear
 
         return DoRALinear
+    if str(config.get("init_lora_weights")).lower() == "olora":  # as PEFT: redo the QR, change the base
+        from course.olora import OLoRALinear
+
+        return OLoRALinear
     return LoRALinear
 
 
@@ -131,7 +136,7 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
 
 
 _SUFFIX = re.compile(r"\.(lora_(?:A|B)\.weight|lora_embedding_(?:A|B)|lora_magnitude_vector)$")
-_UNSUPPORTED = {"use_dora": "DoRA (see course.dora)", "lora_bias": "a trained LoRA bias",
+_UNSUPPORTED = {"lora_bias": "a trained LoRA bias",
                 "fan_in_fan_out": "fan_in_fan_out (GPT-2 style Conv1D layers)",
                 "modules_to_save": "modules_to_save (fully trained extra modules)",
                 "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
@@ -186,6 +191,10 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
 
     modules = _plain_modules(model)
     was_trainable = {p: p.requires_grad for p in model.parameters()}
+    # OLoRA layers change their base weight when built: keep the originals to put back on failure.
+    originals = ({name: modules[name].weight.detach().clone() for name in groups
+                  if isinstance(modules.get(name), nn.Linear)}
+                 if getattr(_linear_class(config), "changes_base_weight", False) else {})
     new_layers = {}
     try:
         for name, state in sorted(groups.items()):
@@ -193,6 +202,9 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     except Exception:
         for p, flag in was_trainable.items():  # building a layer froze its base: undo that
             p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)
         raise
     for name, layer in new_layers.items():  # everything fitted: now change the model
         _replace(model, name, layer)
@@ -222,6 +234,9 @@ def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dic
     options = {"rslora": bool(config.get("use_rslora"))}
     if lora_class is LoRALinear:
         lora_class = _linear_class(config)
+    elif config.get("use_dora"):
+        raise ValueError(f"This DoRA adapter puts DoRA on {name}, a {type(base).__name__}; the course's "
+                         "DoRALinear handles nn.Linear layers only. Load it with peft.PeftModel.from_pretrained.")
     if lora_class is not LoRAEmbedding:
         options["dropout"] = float(config.get("lora_dropout") or 0.0)
     try:

@@ -114,9 +114,9 @@ def train(
         )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    for p in params:  # adapters learn in float32 even when the base is half precision
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
+    for name, p in model.named_parameters():  # adapters learn in float32 even over a half-precision base
+        if p.requires_grad and "lora_" in name and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()  # (a fully trained base layer keeps its dtype: its input is half)
     device = next(model.parameters()).device
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_dtype = frozen[0].dtype if frozen else torch.float32

@@ -257,3 +257,17 @@ def test_the_solution_shown_is_complete_and_passes(capsys):
     namespace = {"math": math, "torch": torch, "nn": nn}
     exec(check.lora_linear.solution_source(), namespace)
     assert check.lora_linear.run(namespace["LoRALinear"]).status == "passed"
+
+
+@pytest.mark.parametrize("name", ["count_trainable", "lora_parameter_count", "delta_weight", "lora_linear",
+                                  "inject_lora"])
+def test_hints_of_chapters_00_to_02_come_in_tiers(name, capsys):
+    chk = getattr(check, name)
+    levels = len(chk._hint)
+    assert levels >= 3, f"check.{name} has {levels} hint(s); give a nudge, more, then nearly the answer"
+    shown = []
+    for level in range(1, levels + 1):
+        chk.hint(level)
+        shown.append(capsys.readouterr().out)
+    assert f"Hint 1 of {levels}" in shown[0] and "hint(2)" in shown[0]
+    assert len(set(shown)) == levels and "`return" not in shown[0]  # the nudge gives no code away

@@ -61,3 +61,29 @@ def test_exact_match_and_reward():
     conversational = [[{"role": "assistant", "content": "82"}], [{"role": "assistant", "content": "81"}]]
     assert data.addition_reward(conversational, answer=["82", "82"]) == [1.0, 0.0]
     assert data.addition_reward(["82", "x"], answer=["82", "82"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer", "found"),
+    [("85", "85", True), ("56 + 29 = 85", "85", True), ("The sum is 85.", "85", True), ("850", "85", False),
+     ("8.5", "85", False), ("56 + 29", "85", False), ("-85", "85", False), ("", "85", False)],
+)
+def test_contains_answer_finds_the_number_anywhere_as_a_whole(reply, answer, found):
+    assert data.contains_answer(reply, answer) is found
+
+
+def test_lenient_match_separates_format_from_arithmetic():
+    replies, answers = ["56 + 29 = 85", "85", "56 + 29 = 84"], ["85", "85", "85"]
+    assert data.exact_match(replies, answers) == pytest.approx(1 / 3)  # only the bare number
+    assert data.lenient_match(replies, answers) == pytest.approx(2 / 3)  # the sum, in any format
+    with pytest.raises(ValueError, match="2 replies for 1 answers"):
+        data.lenient_match(["1", "2"], ["1"])
+    with pytest.raises(ValueError, match="at least one"):
+        data.lenient_match([], [])
+
+
+def test_restating_an_addition_never_scores_leniently():
+    # Why the lenient metric is safe on this task: a + b is never a or b for two-digit numbers.
+    for row in data.addition_splits(n_train=50, n_eval=50)["eval"]:
+        a, b = row["prompt"].removeprefix("What is ").split("?")[0].split("+")
+        assert not data.contains_answer(f"{a} + {b}", row["answer"])

@@ -18,7 +18,7 @@ import copy
 import peft
 import pytest
 import torch
-from peft.tuners.lora import layer as peft_lora
+from test_lora import _factors  # (A, B) of a course or PEFT layer
 from torch import nn
 
 from course.lora import (
@@ -48,16 +48,6 @@ def _peft_layer(base: nn.Module) -> nn.Module:
         if "lora_" in name:
             p.data = p.data.float()
     return layer
-
-
-def _factors(layer):
-    if isinstance(layer, LoRAEmbedding):
-        return layer.lora_embedding_A, layer.lora_embedding_B
-    if isinstance(layer, peft_lora.Embedding):
-        return layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
-    if isinstance(layer, peft_lora.LoraLayer):
-        return layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    return layer.lora_A.weight, layer.lora_B.weight
 
 
 CASES = {

@@ -170,7 +170,7 @@ def test_missing_files_are_named(tiny_adapter, tmp_path):
 
 @pytest.mark.parametrize(("change", "phrase"), [
     ({"peft_type": "IA3"}, "'IA3' adapter"),
-    ({"use_dora": True}, "DoRA"),
+    ({"lora_bias": True}, "trained LoRA bias"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
 ])
 def test_adapters_the_course_layers_cannot_express_are_refused(tiny_adapter, change, phrase):

@@ -173,9 +173,11 @@ def test_a_missing_image_is_named(sandbox):
 def test_the_manifest_lists_each_chapters_exercises_and_is_kept_in_sync(sandbox):
     manifest = notebooks.load_manifest()
     assert sorted(manifest) == sorted(p.stem for p in (sandbox / "solutions").glob("*.ipynb"))
-    (lora,) = manifest["02_lora_from_scratch"]["exercises"]
+    lora, inject = manifest["02_lora_from_scratch"]["exercises"]
     assert lora["check"] == "lora_linear" and lora["answer"] == "LoRALinear"
     assert lora["solution"].startswith("class LoRALinear(nn.Module):") and notebooks.BEGIN not in lora["solution"]
+    assert inject["check"] == "inject_lora" and inject["answer"] == "inject"
+    assert inject["solution"].startswith("def inject(model, targets, r, alpha, layer):")
     assert manifest["02_lora_from_scratch"]["title"].startswith("02")
     (sandbox / "exercises.json").write_text("{}")
     assert any("exercises.json" in p for p in notebooks.check())
@@ -188,3 +190,23 @@ def test_exercises_read_the_answer_expression():
     nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nresult = check.generate_params(GenerateParams.apply)"),
                 nbformat.v4.new_code_cell("check.generate_params.hint()")]
     assert notebooks.exercises(nb) == [{"check": "generate_params", "answer": "GenerateParams.apply", "solution": ""}]
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_saved_outputs_come_from_the_current_code(path):
+    """The prose cites numbers the outputs show: outputs from older code would make it lie."""
+    nb = nbformat.read(path, as_version=4)
+    recorded = nb.metadata.get("course", {}).get("source_sha256")
+    assert recorded == notebooks.source_hash(nb), (
+        f"{path.name}: its code changed after its outputs were saved; run "
+        f"`python -m course notebooks run solutions/{path.name}` (or `make run`) and commit the result")
+
+
+def test_the_freshness_fingerprint_sees_code_changes_but_not_outputs():
+    nb = nbformat.read(notebooks.SOLUTIONS / "00_welcome.ipynb", as_version=4)
+    before = notebooks.source_hash(nb)
+    nb.cells[3].outputs = []
+    nb.cells[1].source += "\n# the shared set-up cell is rewritten by build"
+    assert notebooks.source_hash(nb) == before
+    nb.cells[3].source += "\nprint('changed')"
+    assert notebooks.source_hash(nb) != before

@@ -1,7 +1,8 @@
 """Every notebook runs top to bottom, offline, under nbval (lax mode), three ways.
 
-- ``solution``: the real CPU budget, float32, ``COURSE_STRICT_CHECKS=1``: a failed check fails
-  the run, and every check it calls must pass.
+- ``solution``: float32, ``COURSE_STRICT_CHECKS=1`` (a failed check fails the run, and every check
+  it calls must pass), ``COURSE_QUICK=1`` budgets. The full-budget run is ``make run``, whose saved
+  outputs the prose cites; ``tests/test_notebooks.py`` fails when they are older than the code.
 - ``solution-bf16``: the route a Colab GPU takes, on the CPU: the base model in bfloat16
   (``COURSE_DTYPE=bfloat16``) with float32 adapters, ``COURSE_QUICK=1`` budgets, every check passing.
 - ``student``: as a learner first opens it, with ``COURSE_QUICK=1``: every check must report
@@ -27,7 +28,7 @@ SOLUTIONS = notebooks.solution_paths()
 CASES = ([("solution", p) for p in SOLUTIONS] + [("solution-bf16", p) for p in SOLUTIONS]
          + [("student", notebooks.NOTEBOOKS / p.name) for p in SOLUTIONS])
 SETTINGS = {  # kind -> (COURSE_STRICT_CHECKS, COURSE_QUICK, COURSE_DTYPE)
-    "solution": ("1", "0", "float32"),
+    "solution": ("1", "1", "float32"),
     "solution-bf16": ("1", "1", "bfloat16"),
     "student": ("0", "1", "float32"),
 }

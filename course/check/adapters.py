@@ -171,10 +171,15 @@ def _diagnose(got, model, module_name: str, where: str) -> None:
 
 @check(
     "delta_weight",
-    hint="`layer = peft_model.get_submodule(module_name)`; the adapter in use is "
-    "`peft_model.active_adapter`; `layer.lora_A[name].weight` is A (r x in), "
-    "`layer.lora_B[name].weight` is B (out x r), and `layer.scaling[name]` is lora_alpha / r. "
-    "Return scaling * B @ A.",
+    hint=[
+        "Get the LoRA layer with `peft_model.get_submodule(module_name)`. It keeps one A, one B and one "
+        "scaling per adapter, keyed by the adapter's name: which name is in use?",
+        "The adapter in use is `peft_model.active_adapter`. `layer.lora_A[name].weight` is A (r x in), "
+        "`layer.lora_B[name].weight` is B (out x r), and `layer.scaling[name]` is the layer's own scaling "
+        "(not always lora_alpha / r: rsLoRA and rank patterns change it).",
+        "`layer = peft_model.get_submodule(module_name)`, `name = peft_model.active_adapter`, then "
+        "`return layer.scaling[name] * layer.lora_B[name].weight @ layer.lora_A[name].weight`.",
+    ],
     solution=_delta_weight_solution,
     reference="course.adapters.anatomy:delta_weight",
 )
@@ -216,9 +221,15 @@ def _linears(model: nn.Module, targets) -> list[nn.Linear]:
 
 @check(
     "lora_parameter_count",
-    hint="Walk `model.named_modules()`; for every `nn.Linear` whose name ends in one of the "
-    "target names, A adds r x in_features and B adds out_features x r. Biases and the base "
-    "weights are not part of the adapter.",
+    hint=[
+        "A LoRA layer adds two thin matrices beside the frozen weight: A (r x in_features) and "
+        "B (out_features x r). Which layers get one?",
+        "Walk `model.named_modules()`; a layer is targeted when it is an `nn.Linear` and the last part "
+        "of its name (`name.split('.')[-1]`) is in `target_modules`. Biases and the base weights are not "
+        "part of the adapter.",
+        "Add up `r * (module.in_features + module.out_features)` over every `name, module` in "
+        "`model.named_modules()` with `isinstance(module, nn.Linear) and name.split('.')[-1] in target_modules`.",
+    ],
     solution=_count_solution,
     reference="course.adapters.anatomy:lora_parameter_count",
 )

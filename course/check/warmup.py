@@ -35,8 +35,12 @@ def _solution(model) -> int:
 
 @check(
     "count_trainable",
-    hint="Loop over `model.parameters()`, keep those with `p.requires_grad`, and add up "
-    "`p.numel()` (the number of entries of each tensor).",
+    hint=[
+        "Every parameter tensor has a flag `requires_grad`; count the entries of those that have it set.",
+        "`model.parameters()` yields each tensor once, even one that two modules share; "
+        "`p.numel()` is the number of entries of a tensor.",
+        "`return sum(p.numel() for p in model.parameters() if p.requires_grad)`",
+    ],
     solution=_solution,
     reference="course.check.warmup:_solution",
 )

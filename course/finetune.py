@@ -1,0 +1,377 @@
+"""The fine-tuning command line: ``python -m course finetune [flags]`` (notebook 08).
+
+One command for the methods of the course, with the flags practitioners know from PEFT's DoRA
+and OLoRA example scripts. With no flags it fine-tunes the default base model on the course task
+with LoRA in a few CPU minutes, evaluates on held-out questions and writes a PEFT adapter::
+
+    python -m course finetune                                     # LoRA on the course task
+    python -m course finetune --method dora --lora_r 4 --output_dir outputs/dora
+    python -m course finetune --data_path my.jsonl --base_model path/to/model --quantize
+    python -m course finetune --output_dir outputs/dora --resume  # continue a stopped run
+    python -m course finetune --output_dir outputs/dora --resume --max_steps 60   # or extend a finished one
+
+The methods come from PEFT (LoRA, DoRA, OLoRA, VeRA); an OLoRA adapter is converted to plain
+LoRA on the way out (PEFT's ``path_initial_model_for_weight_conversion``), so it works on the
+unmodified base model. The training loop runs on ``accelerate``, so the very same command is
+data-parallel under a launcher, one process per device (``--batch_size`` is per process)::
+
+    torchrun --nproc_per_node 2 -m course finetune --batch_size 8
+    accelerate launch --multi_gpu --num_processes 2 -m course finetune --batch_size 8
+
+(On a machine without GPUs ``accelerate launch --cpu`` starts one process only: its CPU launcher
+spreads processes through MPI when given ``--mpirun_hostfile``. ``--multi_gpu`` selects the
+torchrun launcher, and this command then runs each process on the CPU with gloo.)
+
+The loss is the sum over answer tokens divided by the global number of answer tokens, so N
+processes of batch b compute the same gradient as one process of batch N*b. Checkpoints are
+atomic (``course.checkpoints``); everything is checked before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("lora", "dora", "olora", "vera")
+OURS = {"adapter_config.json", "adapter_model.safetensors", "finetune.json", "README.md", "olora-initial"}
+
+
+class UsageError(ValueError):
+    """A flag or the data is wrong; the message names it and says what to do."""
+
+
+def _flag_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" says nothing: the help says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m course finetune", description=__doc__.split("\n\n")[1],
+                                formatter_class=_Help)
+    p.add_argument("--method", choices=METHODS, default="lora", help="the adapter to train")
+    p.add_argument("--base_model", default=None, help="hub id or local folder (default: the course's SmolLM2)")
+    p.add_argument("--data_path", default=None, help=".json/.jsonl file, a save_to_disk folder or a hub id "
+                   "(default: the course task, two-digit addition)")
+    p.add_argument("--output_dir", default=None, help="where the adapter and checkpoints go "
+                   "(default: outputs/<method>-<time>)")
+    p.add_argument("--batch_size", type=int, default=16, help="examples per step and process")
+    p.add_argument("--num_epochs", type=int, default=1, help="passes over the data (when --max_steps is 0)")
+    p.add_argument("--max_steps", type=int, default=30, help="optimizer steps; 0: --num_epochs decides")
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--cutoff_len", type=int, default=256, help="longest example in tokens (longer ones are cut)")
+    p.add_argument("--val_set_size", type=int, default=64, help="held-out examples to evaluate on")
+    p.add_argument("--use_compile", type=_flag_bool, nargs="?", const=True, default=False, help="torch.compile the model")
+    p.add_argument("--quantize", action="store_true", help="load the base model in 4 bits (bitsandbytes, QLoRA style)")
+    p.add_argument("--eval_step", type=int, default=10, help="evaluate every this many steps (0: only at the end)")
+    p.add_argument("--save_step", type=int, default=10, help="checkpoint every this many steps (0: never)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 or mps")
+    p.add_argument("--lora_r", type=int, default=8, help="rank (VeRA: the shared projection's rank)")
+    p.add_argument("--lora_alpha", type=float, default=16.0)
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument("--lora_target_modules", default="all-linear",
+                   help='comma-separated module names, or "all-linear"')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
+    return p
+
+
+def check_flags(o: argparse.Namespace) -> None:
+    """Refuse impossible values before anything is loaded."""
+    for name in ("batch_size", "cutoff_len", "lora_r"):
+        if getattr(o, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(o, name)}.")
+    for name in ("num_epochs", "max_steps", "eval_step", "save_step", "val_set_size"):
+        if getattr(o, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more, got {getattr(o, name)}.")
+    if o.max_steps == 0 and o.num_epochs == 0:
+        raise UsageError("--max_steps 0 and --num_epochs 0: nothing to train. Give one of them a positive value.")
+    if not o.learning_rate > 0 or not o.lora_alpha > 0:
+        raise UsageError("--learning_rate and --lora_alpha must be positive.")
+    if not 0 <= o.lora_dropout < 1:
+        raise UsageError(f"--lora_dropout is a probability in [0, 1), got {o.lora_dropout}.")
+    if o.resume and o.output_dir is None:
+        raise UsageError("--resume continues the run in --output_dir: name that folder.")
+
+
+def prepare_output(o: argparse.Namespace) -> Path:
+    """The run's folder: new or empty, or (with --resume) one of ours. Never somebody else's files."""
+    if o.output_dir is None:
+        o.output_dir = f"outputs/{o.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(o.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file; name a folder.")
+    present = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    foreign = sorted(n for n in present if n not in OURS and not n.startswith(("checkpoint-", ".")))
+    if foreign:
+        raise UsageError(f"--output_dir {out} holds files that are not from this command ({', '.join(foreign[:5])}): "
+                         "choose an empty or new folder.")
+    if present and not o.resume:
+        raise UsageError(f"--output_dir {out} holds an earlier run: add --resume to continue it, or choose "
+                         "another folder.")
+    return out
+
+
+def _device(o) -> torch.device:
+    from course.device import default_device
+
+    try:
+        device = default_device() if o.device == "auto" else torch.device(o.device)
+    except RuntimeError:
+        raise UsageError(f"--device {o.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU here: use --device cpu (or auto).")
+    return device
+
+
+def load_model(o, device: torch.device):
+    """The base model (4-bit with ``--quantize``) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from course.device import default_dtype
+    from course.models import load_tokenizer, model_path
+
+    path = model_path(o.base_model)
+    tokenizer = load_tokenizer(o.base_model)
+    dtype = default_dtype(device)
+    if o.quantize:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.float32 if dtype == torch.float32 else dtype
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
+                                                     device_map={"": str(device)}, dtype=compute)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def _targeted_linears(model, targets) -> dict[str, torch.nn.Module]:
+    from torch import nn
+
+    linear_types = (nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit,)
+    except ImportError:  # pragma: no cover
+        pass
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, linear_types):
+            continue
+        last = name.rpartition(".")[2]
+        if (targets == "all-linear" and last != "lm_head") or (targets != "all-linear" and last in targets):
+            found[name] = module
+    return found
+
+
+def adapter_config(o, model):
+    """The PEFT config of ``--method``, after checking the targets and the rank against the model."""
+    from peft import LoraConfig, VeraConfig
+
+    targets = "all-linear" if o.lora_target_modules.strip() == "all-linear" else [
+        t.strip() for t in o.lora_target_modules.split(",") if t.strip()]
+    found = _targeted_linears(model, targets)
+    if not found:
+        names = sorted({n.rpartition(".")[2] for n in _targeted_linears(model, "all-linear")})
+        raise UsageError(f"--lora_target_modules {o.lora_target_modules!r} matches no linear layer of this model; "
+                         f"its linear layers are called: {', '.join(names)}.")
+    if o.method != "vera":
+        for name, module in found.items():
+            smallest = min(module.in_features, module.out_features)
+            if o.lora_r > smallest:
+                raise UsageError(f"--lora_r {o.lora_r} is larger than layer {name} ({module.in_features} -> "
+                                 f"{module.out_features}) allows: B A has rank at most {smallest}. Choose a smaller "
+                                 "--lora_r or other --lora_target_modules.")
+    if o.method == "vera":
+        return VeraConfig(r=o.lora_r, target_modules=targets, vera_dropout=o.lora_dropout, task_type="CAUSAL_LM")
+    return LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout, target_modules=targets,
+                      use_dora=o.method == "dora", init_lora_weights="olora" if o.method == "olora" else True,
+                      task_type="CAUSAL_LM")
+
+
+def _batches(encoded, batch_size: int, seed: int, epoch: int):
+    """A DataLoader over ``encoded`` in the seeded order of ``epoch`` (the same in every process)."""
+    from torch.utils.data import DataLoader
+
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    return DataLoader(encoded, batch_size=batch_size, sampler=order, collate_fn=list, drop_last=True)
+
+
+def _loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the answer tokens' cross-entropy, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                             ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, held_out, encoded, device) -> dict:
+    """Held-out loss per answer token and, when every answer is a number, exact-match accuracy."""
+    from course.generate import accuracy
+    from course.train import collate
+
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(encoded), 16):
+        loss, count = _loss_sum(model, collate(tokenizer, encoded[start:start + 16], device))
+        total, tokens = total + loss.item(), tokens + count.item()
+    result = {"val_loss": total / max(tokens, 1)}
+    answers = [e["answer"] for e in held_out]
+    if answers and all(a.strip().lstrip("-").isdigit() for a in answers):
+        data = {"prompt": [e["prompt"] for e in held_out], "answer": answers}
+        result["exact_match"] = accuracy(model, tokenizer, data)
+    model.train(was_training)
+    return result
+
+
+def run(o: argparse.Namespace) -> dict:
+    """Train as ``o`` says; return the run's summary (also written to ``finetune.json``)."""
+    from accelerate import Accelerator
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    from course.checkpoints import checkpoints, load_checkpoint, save_checkpoint
+    from course.files import atomic_directory
+    from course.finetune_data import load_examples
+    from course.train import collate, encode_example
+
+    check_flags(o)
+    device = _device(o)
+    out = prepare_output(o)
+    train_rows, held_out = load_examples(o.data_path, o.val_set_size, o.seed)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if device.type != "cpu" and accelerator.num_processes > 1:
+        device = accelerator.device  # one device per process
+    main_process = accelerator.is_main_process
+    say = (lambda text: tqdm.write(text)) if main_process else (lambda text: None)
+
+    model, tokenizer = load_model(o, device)
+    config = adapter_config(o, model)
+    torch.manual_seed(o.seed)  # the same initial adapter in every process
+    model = get_peft_model(model, config)
+    if o.method == "olora" and main_process and not (out / "olora-initial").is_dir():
+        with atomic_directory(out / "olora-initial") as tmp:  # the start point, for the conversion at the end
+            model.save_pretrained(tmp)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=o.learning_rate, weight_decay=0.0)
+
+    step, history = 0, {"loss": [], "evaluations": []}
+    last = checkpoints(out)[-1:] if o.resume else []
+    if last:
+        weights, optimizer_state, state = load_checkpoint(last[0])
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                trainable[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
+        step, history = state["step"], state["history"]
+        say(f"resuming from {last[0].name} (step {step})")
+    if o.use_compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    encode = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in train_rows]
+    encoded = [(ids[:o.cutoff_len], labels[:o.cutoff_len]) for ids, labels in encode]
+    held_encoded = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in held_out]
+    per_epoch = len(encoded) // (o.batch_size * accelerator.num_processes)
+    if per_epoch == 0:
+        raise UsageError(f"{len(encoded)} training examples do not fill one step of --batch_size {o.batch_size} x "
+                         f"{accelerator.num_processes} process(es): lower --batch_size.")
+    total = o.max_steps or o.num_epochs * per_epoch
+    from course.device import default_dtype
+
+    half = default_dtype(device) if device.type == "cuda" else torch.float32  # autocast on GPUs, as course.train
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)  # float16 needs loss scaling
+
+    def evaluation() -> None:
+        if main_process:
+            scores = {"step": step, **evaluate(accelerator.unwrap_model(model), tokenizer, held_out, held_encoded, device)}
+            history["evaluations"].append(scores)
+            say("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+        accelerator.wait_for_everyone()
+
+    start = time.perf_counter()
+    if step == 0 and o.eval_step:
+        evaluation()
+    bar = tqdm(total=total, initial=step, desc=f"{o.method} fine-tuning", disable=not main_process)
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        loader = accelerator.prepare(_batches(encoded, o.batch_size, o.seed, epoch))
+        for rows in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            batch = collate(tokenizer, rows, device)
+            with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
+                loss_sum, tokens = _loss_sum(model, batch)
+            global_tokens = accelerator.reduce(tokens.detach(), "sum")
+            # DDP averages gradients over processes: scale so the result is the global per-token mean.
+            loss = loss_sum * accelerator.num_processes / global_tokens
+            accelerator.backward(scaler.scale(loss))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            mean = (accelerator.reduce(loss_sum.detach(), "sum") / global_tokens).item()
+            history["loss"].append(mean)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.3f}")
+            if o.eval_step and step % o.eval_step == 0 and step != total:
+                evaluation()
+            if o.save_step and (step % o.save_step == 0 or step == total):  # the last one too: a run can be extended
+                if main_process:
+                    weights = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+                    save_checkpoint(out, step, weights, optimizer, {"history": history})
+                accelerator.wait_for_everyone()
+            if step >= total:
+                break
+    bar.close()
+    evaluation()
+    seconds = time.perf_counter() - start
+    summary = {"options": vars(o), "processes": accelerator.num_processes, "steps": step,
+               "train_seconds": round(seconds, 1), "history": history, "final": history["evaluations"][-1]
+               if history["evaluations"] else {}}
+    if main_process:
+        peft_model = accelerator.unwrap_model(model)
+        peft_model = getattr(peft_model, "_orig_mod", peft_model)  # torch.compile's wrapper
+        with atomic_directory(out, keep_others=True) as tmp:
+            if o.method == "olora":  # rank 2r, alpha 2 * alpha, on the unmodified base (PEFT's conversion)
+                peft_model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out / "olora-initial"))
+            else:
+                peft_model.save_pretrained(tmp)
+            (tmp / "finetune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        say(f"adapter written to {out} (loads with peft.PeftModel.from_pretrained); {step} steps in {seconds:.0f} s")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv=None) -> int:
+    options = parser().parse_args(argv)
+    from course.finetune_data import DataError
+    from course.models import ModelNotFoundError
+
+    try:
+        run(options)
+    except (UsageError, DataError, ModelNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,208 @@
+"""``python -m course finetune``: every method, resume after a crash, two processes, bad input.
+
+A tiny random Llama with the real tokenizer stands in for the base model, so that a run takes
+seconds; the code path is the one the default model takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from course import finetune
+from course.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def flags(model, out, *extra) -> list[str]:
+    return ["--base_model", str(model), "--output_dir", str(out), "--batch_size", "4", "--max_steps", "4",
+            "--val_set_size", "4", "--eval_step", "2", "--save_step", "2", "--lora_dropout", "0", *extra]
+
+
+def logits_with_adapter(model_dir, adapter_dir) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    with torch.no_grad():
+        return peft_model(input_ids=torch.arange(1, 9)[None]).logits
+
+
+@pytest.mark.parametrize("method", finetune.METHODS)
+def test_each_method_trains_and_writes_an_adapter_peft_loads(method, tiny_model, tmp_path):
+    out = tmp_path / method
+    assert main(["finetune", "--method", method, *flags(tiny_model, out)]) == 0
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["steps"] == 4 and len(summary["history"]["loss"]) == 4
+    assert [e["step"] for e in summary["history"]["evaluations"]] == [0, 2, 4]
+    assert all(torch.isfinite(torch.tensor(summary["history"]["loss"])))
+    config = json.loads((out / "adapter_config.json").read_text())
+    with_adapter = logits_with_adapter(tiny_model, out)
+    assert torch.isfinite(with_adapter).all()
+    if method == "olora":  # converted to plain LoRA of rank 2r for the unmodified base
+        assert config["r"] == 16 and config["lora_alpha"] == 32 and config["init_lora_weights"] is True
+    if method == "dora":
+        assert config["use_dora"] is True
+    if method == "vera":
+        assert config["peft_type"] == "VERA"
+
+
+def test_a_crashed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_run_ends(
+        tiny_model, tmp_path, monkeypatch):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    assert main(["finetune", *flags(tiny_model, unbroken, "--max_steps", "6")]) == 0
+
+    import course.checkpoints
+
+    real_save = course.checkpoints.save_checkpoint
+
+    def crash_after_step_4(run_dir, step, *args, **kwargs):
+        path = real_save(run_dir, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt("the machine went down")
+        return path
+
+    monkeypatch.setattr("course.checkpoints.save_checkpoint", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(["finetune", *flags(tiny_model, broken, "--max_steps", "6")])
+    assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (broken / "adapter_model.safetensors").exists()
+    monkeypatch.setattr("course.checkpoints.save_checkpoint", real_save)
+
+    assert main(["finetune", *flags(tiny_model, broken, "--max_steps", "6")]) == 2, "a run's folder needs --resume"
+    assert main(["finetune", *flags(tiny_model, broken, "--max_steps", "6", "--resume")]) == 0
+    a, b = load_file(unbroken / "adapter_model.safetensors"), load_file(broken / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # same data order, optimizer state and random state: the same arithmetic, bit for bit
+        assert torch.equal(a[key], b[key]), key
+    losses = [json.loads((d / "finetune.json").read_text())["history"]["loss"] for d in (unbroken, broken)]
+    assert losses[0] == losses[1]
+
+
+def test_a_killed_process_leaves_only_whole_checkpoints_and_resumes(tiny_model, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def command(steps: int, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "course", "finetune",
+                *flags(tiny_model, out, "--max_steps", str(steps), "--save_step", "1", "--eval_step", "0", *extra)]
+
+    process = subprocess.Popen(command(400), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not len(list(out.glob("checkpoint-*"))) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    from course.checkpoints import checkpoints
+
+    complete = checkpoints(out)
+    assert complete, "a checkpoint was written before the kill"
+    assert all((p / "state.json").is_file() and (p / "trainable.safetensors").is_file() for p in complete)
+    step = json.loads((complete[-1] / "state.json").read_text())["step"]
+    resumed = subprocess.run(command(step + 2, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {complete[-1].name}" in resumed.stderr + resumed.stdout
+    assert json.loads((out / "finetune.json").read_text())["steps"] == step + 2
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--max_steps", "3", "--eval_step", "0", "--save_step", "0"]
+    assert main(["finetune", *flags(tiny_model, one, *common, "--batch_size", "8")]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29533", "-m", "course", "finetune",
+                             *flags(tiny_model, two, *common, "--batch_size", "4")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((d / "finetune.json").read_text()) for d in (one, two)]
+    assert summaries[0]["processes"] == 1 and summaries[1]["processes"] == 2
+    # Same 8 examples per step, split 4 + 4; the loss is normalised by the global token count, so
+    # only the order of float32 additions differs (all-reduce of two partial sums): ~1e-7 relative
+    # per step, a little more after AdamW's division by sqrt(v). 1e-5 is far below any real difference
+    # (a wrong split or normalisation changes the first loss in the second decimal).
+    torch.testing.assert_close(torch.tensor(summaries[1]["history"]["loss"]),
+                               torch.tensor(summaries[0]["history"]["loss"]), rtol=1e-5, atol=1e-5)
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("extra", "phrase"), [
+    (["--method", "ia3"], "invalid choice: 'ia3'"),
+    (["--lora_r", "64"], "--lora_r 64 is larger than layer"),
+    (["--data_path", "nowhere/data.jsonl"], "no such file"),
+    (["--lora_target_modules", "query,value"], "matches no linear layer"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--resume"], "holds files that are not from this command"),
+])
+def test_bad_input_is_refused_before_training_with_the_flag_named(extra, phrase, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    if "--resume" in extra:
+        out.mkdir()
+        (out / "thesis.tex").write_text("somebody else's work")
+    with pytest.raises(SystemExit) if extra[0] == "--method" else _no_raise():
+        code = main(["finetune", *flags(tiny_model, out), *extra])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert phrase in err, err
+    assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+    if "--resume" in extra:
+        assert (out / "thesis.tex").read_text() == "somebody else's work"
+
+
+def test_a_data_line_without_the_needed_fields_is_named(tiny_model, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "2+2?", "answer": "4"}\n\n{"prompt": "3+3?", "reply": "6"}\n')
+    assert main(["finetune", *flags(tiny_model, tmp_path / "out"), "--data_path", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "data.jsonl line 3" in err and "no `answer`" in err
+
+
+def test_user_data_in_each_shape_trains(tiny_model, tmp_path):
+    from datasets import Dataset
+
+    rows = [{"instruction": f"Say {i} twice.", "input": "", "output": f"{i} {i}"} for i in range(40)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows))
+    Dataset.from_list([{"messages": [{"role": "user", "content": f"Echo {i}"},
+                                     {"role": "assistant", "content": str(i)}]} for i in range(40)]
+                      ).save_to_disk(str(tmp_path / "chat"))
+    for name, numeric in (("alpaca.json", False), ("chat", True)):
+        out = tmp_path / f"run-{name}"
+        assert main(["finetune", *flags(tiny_model, out), "--data_path", str(tmp_path / name)]) == 0
+        final = json.loads((out / "finetune.json").read_text())["final"]
+        assert "val_loss" in final and ("exact_match" in final) == numeric  # exact match for numeric answers only
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
