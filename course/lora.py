@@ -179,8 +179,11 @@ class LoRALinear(LoRALayer):
         result = self.base_layer(x)
         if self.merged:  # W0 already holds the adapter
             return result
-        A, _ = self.lora_factors()
-        return self.adapt(self.dropout(x.to(A.dtype)), result)
+        return self.adapt(self.dropout(x.to(self.compute_dtype())), result)
+
+    def compute_dtype(self) -> torch.dtype:
+        """Hook: the dtype the LoRA branch computes in, the factors' (NOLA answers without generating them)."""
+        return self.lora_A.weight.dtype
 
     def adapt(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result + scaling * B A x``, added in the factors' dtype and cast back (PEFT's order)."""

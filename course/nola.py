@@ -1,0 +1,469 @@
+"""NOLA: LoRA's factors as linear combinations of a seeded random basis (notebook 05).
+
+NOLA (Koohpayegani et al. 2024, "NOLA: Compressing LoRA using Linear Combination of
+Random Basis") keeps LoRA's low-rank update ``ΔW = (alpha / r) B A`` but no longer trains
+A and B. Each is written as a mix of fixed random matrices, and only the mixing
+coefficients are trained (the paper's method section)::
+
+    A = sum_k a_k A_k   (k = 1..K_A, each A_k of shape (r, in), uniform in [-1, 1])
+    B = sum_k b_k B_k   (k = 1..K_B, each B_k of shape (out, r))
+
+An adapter is then ``K_A + K_B`` numbers per layer plus a seed, whatever r and the layer's
+size: below LoRA's floor of ``in + out`` numbers per layer at rank 1.
+
+Three parts, each fixing a fault of the reference code in the paper's repository:
+
+* ``random_basis``: the basis is a pure function of (seed, element index), computed with
+  integer tensor operations (a counter-based generator). The reference code reseeds torch's
+  global generator instead, which changes the learner's random stream and gives other numbers
+  on another device, so an adapter trained on a GPU is garbage on a CPU.
+* ``GenerateParams``: ``sum_k c_k basis_k`` generated a chunk of basis matrices at a time;
+  backward regenerates the chunks. The reference code materialises all K matrices at once, in
+  forward and again in backward.
+* ``NOLALoRALinear``: a small subclass of ``course.lora.LoRALinear`` that only says how A and B
+  are made (``init_factors``, ``lora_factors``), so forward, merge and unmerge are LoRA's own,
+  and merging uses the generated factors (the reference merge ignored the coefficients).
+  ``save_nola`` / ``load_nola`` store coefficients, seeds and shapes only;
+  ``course.lora.save_peft_adapter`` exports the generated A and B as a plain PEFT LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from course.files import atomic_directory
+from course.lora import LoRALinear, _plain_modules, _replace
+
+__all__ = [
+    "GENERATOR",
+    "random_basis",
+    "basis_chunks",
+    "GenerateParams",
+    "generate_params",
+    "derive_seed",
+    "NOLALoRALinear",
+    "nola_layer",
+    "nola_layers",
+    "save_nola",
+    "load_nola",
+]
+
+# ---------------------------------------------------------------------------
+# The basis: a counter-based generator
+# ---------------------------------------------------------------------------
+
+#: The name of the generator below, written into saved adapters. Changing a single
+#: operation of it changes every basis, so a new version would need a new name.
+GENERATOR = "course.nola.random_basis/mueller32-v1"
+
+_M32 = 0xFFFFFFFF
+_MUL = 0x045D9F3B  # Thomas Mueller's multiplier for his 32-bit integer hash
+_HALF = 1 << 24
+_SCALE = 2.0**-24
+_LIMIT = 1 << 32  # element indices are 32-bit
+_SEED_LIMIT = 1 << 63
+#: Default chunk, in numbers: 2**16 int64 numbers (512 KB) stay in a CPU core's cache;
+#: a GPU prefers fewer, bigger chunks (fewer kernel launches).
+CHUNK_NUMBERS = {"cpu": 1 << 16}
+_OTHER_DEVICES = 1 << 22
+
+
+def _splitmix64(x: int) -> int:
+    """Steele et al.'s SplitMix64 finaliser on a Python int: 64 well-mixed bits from any 64."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _keys(seed: int) -> tuple[int, int]:
+    """(stride, offset) for ``seed``: an odd 31-bit multiplier and a 32-bit offset."""
+    mixed = _splitmix64(seed)
+    return (mixed >> 33) | 1, mixed & _M32
+
+
+def _check_shape(num_basis, rows, cols, seed) -> None:
+    for name, value in (("num_basis", num_basis), ("rows", rows), ("cols", cols)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}. (A tensor seed? Pass int(seed).)")
+    if num_basis * rows * cols > _LIMIT:
+        raise ValueError(
+            f"A basis of {num_basis} x {rows} x {cols} = {num_basis * rows * cols:,} numbers is more than the "
+            f"generator's 2**32 element indices. Use fewer basis matrices (num_basis)."
+        )
+
+
+def _mix32(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Mueller's 32-bit hash, in place, on int64 numbers below 2**32.
+
+    ``x ^= x >> 16; x *= 0x45d9f3b`` twice, then ``x ^= x >> 16``, each product masked back
+    to 32 bits. A product of a number below 2**32 and the 27-bit multiplier stays below
+    2**59, so int64 never overflows: every step is exact integer arithmetic, the same on
+    every device.
+    """
+    for _ in range(2):
+        torch.bitwise_right_shift(x, 16, out=tmp)
+        x.bitwise_xor_(tmp)
+        x.mul_(_MUL).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    return x.bitwise_xor_(tmp)
+
+
+def _chunk_size(rows: int, cols: int, device: torch.device) -> int:
+    numbers = CHUNK_NUMBERS.get(device.type, _OTHER_DEVICES)
+    return max(1, numbers // (rows * cols))
+
+
+def basis_chunks(num_basis: int, rows: int, cols: int, seed: int, *, chunk_size: int | None = None,
+                 device=None, dtype=None):
+    """Yield ``(slice, block)``: ``block == random_basis(num_basis, rows, cols, seed)[slice]``.
+
+    ``chunk_size`` basis matrices at a time (default: about 2**16 numbers a chunk on the CPU,
+    2**22 elsewhere; at least one matrix). Only one chunk lives at a time, so memory is
+    ``chunk_size * rows * cols`` numbers however large ``num_basis`` is (notebook 05).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or torch.get_default_dtype()
+    for where, block in _chunks(num_basis, rows, cols, seed, chunk_size, device, reuse=False):
+        yield where, block.to(dtype)
+
+
+def _chunks(num_basis, rows, cols, seed, chunk_size, device, *, float64=False, reuse=True):
+    """``basis_chunks`` in float32 (or float64); with ``reuse`` every block is the same buffer,
+    overwritten by the next chunk, so that a whole pass allocates nothing per chunk."""
+    _check_shape(num_basis, rows, cols, seed)
+    if chunk_size is None:
+        chunk_size = _chunk_size(rows, cols, device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size is a number of basis matrices per chunk (1, 2, ...), got {chunk_size!r}.")
+    chunk_size = min(chunk_size, num_basis)
+    numel = rows * cols
+    stride, offset = _keys(seed)
+    # Element i of the flattened basis (i = k * rows * cols + position) starts as
+    # stride * i + offset (mod 2**32), a bijection of the index chosen by the seed. Split as
+    # (stride * k * numel + offset) + stride * position: the second part is the same in every chunk.
+    within = torch.arange(numel, dtype=torch.int64, device=device).mul_(stride).bitwise_and_(_M32)
+    x_buffer = torch.empty(chunk_size, numel, dtype=torch.int64, device=device)
+    tmp_buffer = torch.empty_like(x_buffer)
+    float_type = torch.float64 if float64 else torch.float32
+    values = torch.empty(chunk_size, numel, dtype=float_type, device=device) if reuse else None
+    for start in range(0, num_basis, chunk_size):
+        stop = min(start + chunk_size, num_basis)
+        x, tmp = x_buffer[: stop - start], tmp_buffer[: stop - start]
+        first = torch.arange(start, stop, dtype=torch.int64, device=device).mul_(numel)
+        first.mul_(stride).add_(offset).bitwise_and_(_M32)  # k * numel < 2**32, times stride < 2**31
+        torch.add(first[:, None], within[None, :], out=x)
+        _mix32(x.bitwise_and_(_M32), tmp)
+        # The top 25 bits, made odd and centred: an odd integer in (-2**24, 2**24), exact in float32.
+        x.bitwise_right_shift_(7).bitwise_or_(1).sub_(_HALF)
+        block = values[: stop - start].copy_(x) if reuse else x.to(float_type)
+        block.mul_(_SCALE)  # times 2**-24, exact: (2u + 1) / 2**24 - 1 in (-1, 1)
+        yield slice(start, stop), block.view(stop - start, rows, cols)
+
+
+def random_basis(num_basis: int, rows: int, cols: int, seed: int, *, device=None, dtype=None) -> torch.Tensor:
+    """``num_basis`` random matrices of shape (rows, cols), uniform in (-1, 1), fixed by ``seed`` (notebook 05).
+
+    A pure function of its arguments: the same numbers in every process, on every device and
+    however the basis is cut into chunks (``basis_chunks``); the global random state is never
+    touched. Why a counter-based generator rather than ``torch.manual_seed`` + ``uniform_``:
+
+    * torch's generators differ by device (the CPU's Mersenne Twister, CUDA's Philox with
+      a launch-dependent layout), so the same seed gives different bases on different devices;
+      and reseeding the global generator changes everybody else's random numbers.
+    * a counter-based generator (like Philox or Threefry, Salmon et al. 2011) computes element
+      i directly as hash(seed, i). Here the hash is Thomas Mueller's 32-bit integer hash (two
+      xor-shift-multiply rounds) of ``stride * i + offset``, with stride and offset drawn from
+      the seed by SplitMix64. Integer operations are exact, so every device computes the same
+      bits, and any chunk of the basis can be made on its own, in any order.
+
+    The top 25 bits of each hash become an odd integer n in (-2**24, 2**24) and the value is
+    n / 2**24: uniform on 2**24 evenly spaced points, mean exactly zero, never 0 or ±1. Those
+    values are exact in float32; ``dtype=float64`` gives the very same numbers, half precision
+    the float32 numbers rounded.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or torch.get_default_dtype()
+    _check_shape(num_basis, rows, cols, seed)
+    out = torch.empty(num_basis, rows, cols, device=device, dtype=dtype)
+    for where, block in basis_chunks(num_basis, rows, cols, seed, device=device, dtype=dtype):
+        out[where] = block
+    return out
+
+
+# ---------------------------------------------------------------------------
+# sum_k c_k basis_k without keeping the basis
+# ---------------------------------------------------------------------------
+
+
+class GenerateParams(torch.autograd.Function):
+    """``GenerateParams.apply(c, rows, cols, seed[, chunk_size]) = sum_k c[k] * random_basis(K, rows, cols, seed)[k]``.
+
+    Forward generates the basis a chunk at a time and adds each chunk's share; autograd keeps
+    only the coefficients (K numbers) and the seed and shape (Python ints), never the basis.
+    Backward regenerates the same chunks: the gradient of ``sum_ij G_ij * out_ij`` with
+    respect to c[k] is ``sum_ij G_ij * basis_k[ij]``, one dot product per basis matrix.
+    Notebook 05; the exercise ``check.generate_params`` asks for this.
+    """
+
+    @staticmethod
+    def forward(ctx, coefficients, rows, cols, seed, chunk_size=None):
+        if coefficients.dim() != 1:
+            raise ValueError(f"coefficients must be a vector (one number per basis matrix), got shape "
+                             f"{tuple(coefficients.shape)}.")
+        ctx.rows, ctx.cols, ctx.seed, ctx.chunk_size = rows, cols, seed, chunk_size
+        ctx.save_for_backward(coefficients)
+        compute = torch.float64 if coefficients.dtype == torch.float64 else torch.float32
+        c = coefficients.to(compute)
+        out = torch.zeros(rows * cols, device=c.device, dtype=compute)
+        for where, block in _chunks(len(c), rows, cols, seed, chunk_size, c.device, float64=compute == torch.float64):
+            out.addmv_(block.view(block.shape[0], -1).T, c[where])  # out += block^T c
+        return out.view(rows, cols).to(coefficients.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (coefficients,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        compute = torch.float64 if coefficients.dtype == torch.float64 else torch.float32
+        grad = grad_output.reshape(-1).to(compute)
+        grad_coefficients = torch.empty(len(coefficients), device=grad.device, dtype=compute)
+        for where, block in _chunks(len(coefficients), ctx.rows, ctx.cols, ctx.seed, ctx.chunk_size, grad.device,
+                                    float64=compute == torch.float64):
+            torch.mv(block.view(block.shape[0], -1), grad, out=grad_coefficients[where])
+        return grad_coefficients.to(coefficients.dtype), None, None, None, None
+
+
+def generate_params(coefficients: torch.Tensor, rows: int, cols: int, seed: int, *,
+                    chunk_size: int | None = None) -> torch.Tensor:
+    """``GenerateParams.apply`` with a keyword for the chunk size (basis matrices per chunk)."""
+    return GenerateParams.apply(coefficients, rows, cols, seed, chunk_size)
+
+
+# ---------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, *names: str) -> int:
+    """A seed in [0, 2**63) for ``names`` under ``seed``, the same in every process (BLAKE2b, not ``hash()``).
+
+    ``derive_seed(0, "model.layers.3.self_attn.q_proj")`` is layer q_proj's seed under seed 0;
+    ``derive_seed(s, "lora_A")`` is the seed of its A basis. Different names give unrelated
+    seeds, so different layers (and A and B) get unrelated bases.
+    """
+    text = "/".join([str(int(seed)), *names]).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (_SEED_LIMIT - 1)
+
+
+class NOLALoRALinear(LoRALinear):
+    """LoRA whose A and B are generated from coefficients and a seed (NOLA; notebook 05).
+
+    ``A = generate(lora_A_coefficients, r, in, seed_A) / sqrt(K_A)`` and
+    ``B = generate(lora_B_coefficients, out, r, seed_B) / sqrt(K_B)``, with
+    ``seed_A = derive_seed(seed, "lora_A")``, ``seed_B = derive_seed(seed, "lora_B")``. The
+    division by sqrt(K) (as in the authors' code) keeps the entries of A and B, and the
+    change one optimiser step makes to them, about the same whatever K.
+
+    At the start B's coefficients are zero (so the layer is the base layer) and A's are drawn
+    from the same counter-based generator (seed ``derive_seed(seed, "init")``), scaled so that
+    A's entries have the variance of LoRA's Kaiming-uniform A: the layer at step 0 is a pure
+    function of its seed, and no global random state is used.
+
+    Everything else (forward, ``merge``, ``unmerge``, ``get_delta_weight``) is ``LoRALinear``'s,
+    through the generated factors. Only ``lora_A_coefficients`` and ``lora_B_coefficients``
+    train (their names contain ``lora_``, for ``mark_only_lora_as_trainable``). Without
+    gradients (evaluation, generation, merging) the generated factors are cached until the
+    coefficients change.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, num_basis_A: int, num_basis_B: int, seed: int,
+                 dropout: float = 0.0, merge_on_eval: bool = False, *, rslora: bool = False,
+                 chunk_size: int | None = None):
+        for name, value in (("num_basis_A", num_basis_A), ("num_basis_B", num_basis_B)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int (NOLA's K, e.g. 64 or 1024), got {value!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}.")
+        # Plain attributes may be set before nn.Module.__init__; init_factors (called by it) needs them.
+        self.num_basis_A, self.num_basis_B, self.seed, self.chunk_size = num_basis_A, num_basis_B, seed, chunk_size
+        self.seed_A, self.seed_B = derive_seed(seed, "lora_A"), derive_seed(seed, "lora_B")
+        self._cache = None
+        super().__init__(base, r, alpha, dropout, merge_on_eval, rslora=rslora)
+        _check_shape(num_basis_A, r, base.in_features, self.seed_A)  # a basis too large for the generator
+        _check_shape(num_basis_B, base.out_features, r, self.seed_B)
+
+    def init_factors(self) -> None:
+        """``lora_A_coefficients`` (K_A numbers, from the seed) and ``lora_B_coefficients`` (K_B zeros)."""
+        like = self._like()
+        in_features = self.base_layer.in_features
+        # A_ij = sum_k a_k U_k / sqrt(K) has variance E[a^2] / 3 = bound^2 / 9 for a ~ U(-bound, bound);
+        # LoRA's Kaiming-uniform A has 1 / (3 in): bound = sqrt(3 / in).
+        unit = random_basis(1, 1, self.num_basis_A, derive_seed(self.seed, "init"), dtype=torch.float32)[0, 0]
+        self.lora_A_coefficients = nn.Parameter((unit * math.sqrt(3 / in_features)).to(**like))
+        self.lora_B_coefficients = nn.Parameter(torch.zeros(self.num_basis_B, **like))
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.lora_A_coefficients.dtype
+
+    def _generate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self.base_layer
+        A = generate_params(self.lora_A_coefficients, self.r, base.in_features, self.seed_A,
+                            chunk_size=self.chunk_size) / math.sqrt(self.num_basis_A)
+        B = generate_params(self.lora_B_coefficients, base.out_features, self.r, self.seed_B,
+                            chunk_size=self.chunk_size) / math.sqrt(self.num_basis_B)
+        return A, B
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B), generated from the coefficients: (r, in) and (out, r)."""
+        if torch.is_grad_enabled():
+            self._cache = None
+            return self._generate()
+        a, b = self.lora_A_coefficients, self.lora_B_coefficients
+        key = (a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype, a.device, self.seed, self.chunk_size)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._generate())
+        return self._cache[1]
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """The generated A and B under PEFT's names: ``save_peft_adapter`` exports a plain LoRA adapter."""
+        with torch.no_grad():
+            A, B = self.lora_factors()
+        return {"lora_A.weight": A, "lora_B.weight": B}
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_basis_A={self.num_basis_A}, num_basis_B={self.num_basis_B}, "
+                f"seed={self.seed}")
+
+
+def nola_layer(model: nn.Module, seed: int):
+    """A layer factory for ``inject_lora``: each layer's seed is ``derive_seed(seed, its module name)``.
+
+    ``inject_lora(model, targets, r, alpha, layer=nola_layer(model, 0), num_basis_A=64, num_basis_B=64)``
+    gives every adapted layer its own basis, and the same one in every process: the seed depends
+    only on ``seed`` and the module's name, not on the order of injection or on which other
+    modules are targeted. (One seed for all would give, say, every q_proj the same basis.)
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def make(base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, **options) -> NOLALoRALinear:
+        if id(base) not in names:
+            raise ValueError("This layer is not in the model nola_layer was made for: call nola_layer(model, seed) "
+                             "with the model you inject into.")
+        if "seed" in options:
+            raise TypeError("nola_layer(model, seed) sets each layer's seed: do not pass seed= to inject_lora too.")
+        return NOLALoRALinear(base, r, alpha, seed=derive_seed(seed, names[id(base)]), dropout=dropout, **options)
+
+    return make
+
+
+def nola_layers(model: nn.Module) -> dict[str, NOLALoRALinear]:
+    """``{name: layer}`` for every ``NOLALoRALinear`` in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NOLALoRALinear)}
+
+
+# ---------------------------------------------------------------------------
+# On disk: coefficients, seeds and shapes
+# ---------------------------------------------------------------------------
+
+CONFIG_NAME, WEIGHTS_NAME = "nola_config.json", "nola_coefficients.safetensors"
+
+
+_SHARED = ("r", "alpha", "num_basis_A", "num_basis_B", "dropout", "rslora")
+
+
+def _settings(layer: NOLALoRALinear) -> dict:
+    return {"r": layer.r, "alpha": layer.alpha, "num_basis_A": layer.num_basis_A, "num_basis_B": layer.num_basis_B,
+            "dropout": float(getattr(layer.dropout, "p", 0.0)), "rslora": layer.rslora}
+
+
+def save_nola(model: nn.Module, directory) -> Path:
+    """Write the model's NOLA layers as coefficients (safetensors) + seeds and shapes (JSON), atomically.
+
+    The directory holds ``nola_coefficients.safetensors`` (``<layer>.lora_A_coefficients`` and
+    ``<layer>.lora_B_coefficients``) and ``nola_config.json``: the generator's name, the settings
+    most layers share (r, alpha, K_A, K_B, dropout, rslora) and, per layer, its in/out features,
+    its seed and any setting that differs. ``load_nola`` rebuilds the layers on any device.
+    Returns the directory.
+    """
+    layers = nola_layers(model)
+    if not layers:
+        raise ValueError("The model has no NOLALoRALinear layers: inject them first (inject_lora with "
+                         "layer=nola_layer(model, seed)).")
+    settings = {name: _settings(layer) for name, layer in layers.items()}
+    shared = {key: Counter(json.dumps(s[key]) for s in settings.values()).most_common(1)[0][0] for key in _SHARED}
+    shared = {key: json.loads(value) for key, value in shared.items()}
+    tensors, entries = {}, {}
+    for name, layer in layers.items():
+        tensors[f"{name}.lora_A_coefficients"] = layer.lora_A_coefficients.detach().float().cpu().contiguous()
+        tensors[f"{name}.lora_B_coefficients"] = layer.lora_B_coefficients.detach().float().cpu().contiguous()
+        own = {key: value for key, value in settings[name].items() if value != shared[key]}
+        entries[name] = {"in_features": layer.base_layer.in_features, "out_features": layer.base_layer.out_features,
+                         "seed": layer.seed, **own}
+    # One line per layer: still readable, and small next to the coefficients.
+    head = json.dumps({"peft_type": "NOLA (course)", "generator": GENERATOR, **shared}, indent=1)[:-2]
+    body = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in entries.items())
+    text = f'{head},\n "layers": {{\n{body}\n }}\n}}\n'
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+    return directory
+
+
+def load_nola(model: nn.Module, directory) -> nn.Module:
+    """Put a NOLA adapter written by ``save_nola`` into ``model`` (a plain base model); returns it.
+
+    Every layer is checked before the model changes: a missing module, another shape or
+    another generator raises with what to do, and leaves the model as it was.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a NOLA adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                "(written by course.nola.save_nola).")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("generator") != GENERATOR:
+        raise ValueError(f"This adapter's basis comes from generator {config.get('generator')!r}, this course "
+                         f"has {GENERATOR!r}: its coefficients would multiply other random matrices.")
+    tensors = load_file(weights_path)
+    modules = _plain_modules(model)
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
+    new = {}
+    try:
+        for name, entry in config["layers"].items():
+            spec = {**{key: config[key] for key in _SHARED if key in config}, **entry}
+            base = modules.get(name)
+            if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+                raise ValueError(f"The adapter has a layer {name!r}, which is not a plain nn.Linear in this model: "
+                                 "load it into the base model it was trained on.")
+            if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
+                raise ValueError(f"{name} is {base.in_features} -> {base.out_features} here but "
+                                 f"{spec['in_features']} -> {spec['out_features']} in the adapter: another base model.")
+            layer = NOLALoRALinear(base, spec["r"], spec["alpha"], spec["num_basis_A"], spec["num_basis_B"],
+                                   spec["seed"], dropout=spec.get("dropout", 0.0), rslora=spec.get("rslora", False))
+            with torch.no_grad():
+                for part in ("lora_A_coefficients", "lora_B_coefficients"):
+                    saved, own = tensors[f"{name}.{part}"], getattr(layer, part)
+                    if saved.shape != own.shape:
+                        raise ValueError(f"{name}.{part} has shape {tuple(saved.shape)} in the file, the config "
+                                         f"says {tuple(own.shape)}: the adapter is damaged.")
+                    own.copy_(saved)
+            new[name] = layer
+    except Exception:
+        for p, flag in was_trainable.items():  # building a layer froze its base: undo that
+            p.requires_grad_(flag)
+        raise
+    for name, layer in new.items():
+        _replace(model, name, layer)
+    return model
