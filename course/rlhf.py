@@ -20,7 +20,8 @@ The rest is the plumbing that keeps the notebook short:
 - ``fit``: run a trainer under the course's progress bar and collect its per-step logs;
 - ``preference_logps`` and ``reward_margins``: DPO's implicit reward on held-out pairs;
 - ``save_merge_reload``: save the adapter, merge it, save the merged model, reload it and
-  check that it computes what the trained model computes (``_compare_models``);
+  check that it computes what the trained model computes (``_compare_models``, on chapter 06's
+  ``course.merging.compare_models``);
 - ``sampled_reward``: GRPO's reward on held-out prompts, sampled as GRPO samples;
 - ``memory_growth`` and ``tensor_bytes``: the memory a second copy of the model takes.
 """
@@ -503,17 +504,13 @@ def sampled_reward(model, tokenizer, dataset, reward_funcs, *, samples: int = 4,
 @torch.no_grad()
 def _compare_models(a, b, inputs) -> dict:
     """How far apart two models are on ``inputs`` (a tokenised batch): the largest difference of
-    their logits and the share of positions where they predict the same next token.
-
-    A private stand-in for chapter 06's ``course.merging.compare_models``, written here while
-    that chapter is written in parallel: swap it for that one when both are in.
+    their logits and the share of positions where they predict the same next token
+    (``course.merging.compare_models``, notebook 06, in the words of this chapter's report).
     """
-    mask = inputs["attention_mask"].bool()
-    la, lb = a(**inputs).logits.float(), b(**inputs).logits.float()
-    return {
-        "max_abs_logit_diff": (la - lb).abs()[mask].max().item(),
-        "same_next_token": (la.argmax(-1) == lb.argmax(-1))[mask].float().mean().item(),
-    }
+    from course.merging import compare_models
+
+    comparison = compare_models(a, b, inputs)
+    return {"max_abs_logit_diff": comparison.max_logit_diff, "same_next_token": comparison.top1_agreement}
 
 
 def probe_inputs(tokenizer, questions, device=None) -> dict:
