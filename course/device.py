@@ -45,9 +45,9 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     - cuda: bfloat16 from compute capability 8.0 (A100, L4, H100), float16 below (T4, V100).
       (``torch.cuda.is_bf16_supported()`` is not asked: it counts emulation, which is slow.)
     - cpu and mps: float32. Measured on the course's CPU, which has native bfloat16
-      (AVX512-BF16), a LoRA training step on the base model was only 1.2x faster in
-      bfloat16 and greedy generation 2.3x slower (``benchmarks/cpu_dtype.py``), so the
-      CPU keeps float32.
+      (AVX512-BF16), a LoRA training step on the base model (batch 16) was only 1.3x
+      faster in bfloat16, and greedy answers to 32 questions 2.1x slower
+      (``benchmarks/cpu_dtype.py``), so the CPU keeps float32.
 
     Trainable adapter weights stay in float32 in any case (``course.lora.adapter_dtype``).
     """

@@ -66,17 +66,23 @@ def _course_object(value) -> bool:
 
 
 def _guard_reference(spec: str | None):
-    """Replace a reference function by a guard; return the reference (class or function) or None."""
+    """Replace a reference function by a guard; return (the reference, the guard or None).
+
+    ``spec`` is "module:attribute", the attribute possibly dotted ("course.nola:GenerateParams.apply").
+    """
     if not spec:
-        return None
+        return None, None
     import functools
     import importlib
 
     module_name, _, attribute = spec.partition(":")
-    module = importlib.import_module(module_name)
-    reference = getattr(module, attribute)
+    *path, last = attribute.split(".")
+    owner = importlib.import_module(module_name)
+    for part in path:
+        owner = getattr(owner, part)
+    reference = getattr(owner, last)
     if isinstance(reference, type) or not callable(reference):
-        return reference
+        return reference, None
 
     @functools.wraps(reference)
     def guard(*args, **kwargs):
@@ -85,12 +91,14 @@ def _guard_reference(spec: str | None):
             raise UsedTheReference(f"{spec.replace(':', '.')}")
         return reference(*args, **kwargs)
 
+    if path:  # an attribute of a course class (an autograd Function's ``apply``): guard it there
+        setattr(owner, last, guard)
     for name, loaded in list(sys.modules.items()):  # every name it is known by (packages re-export it)
         if name == "course" or name.startswith("course."):
             for key, value in list(vars(loaded).items()):
                 if value is reference:
                     setattr(loaded, key, guard)
-    return reference
+    return reference, guard
 
 
 def _sentinels(check) -> dict:
@@ -113,7 +121,7 @@ def _judge(spec: dict) -> dict:
     if check is None:
         return {"status": "failed", "message": f"The grader has no check called {name!r}: update the course."}
     before = _sentinels(check)
-    reference = _guard_reference(check.reference)
+    reference, guard = _guard_reference(check.reference)
     definitions = Definitions([tuple(c) for c in spec["cells"]], list(spec["problems"]))
     module, errors = load(definitions)
     try:
@@ -125,7 +133,7 @@ def _judge(spec: dict) -> dict:
     except Exception as exc:
         return {"status": "failed", "errors": errors, "message": f"Evaluating `{spec['answer']}` raised "
                 f"{type(exc).__name__}: {exc}"}
-    if _course_object(answer) or answer is reference:
+    if _course_object(answer) or answer is reference or (guard is not None and answer is guard):
         return {"status": "failed", "errors": errors, "message": (
             f"`{spec['answer']}` is the course's own reference implementation, not yours: write your own "
             "answer in the exercise cell.")}

@@ -171,6 +171,10 @@ def test_a_notebook_whose_chapter_cannot_be_found_gets_an_error_row_not_a_score(
      "    pass", "subclasses the course's reference"),
     ("01_load_adapters", "def delta_weight", "import course.adapters\n\n\ndef delta_weight(peft_model, module_name):\n"
      "    return course.adapters.delta_weight(peft_model, module_name)", "calls the course's reference"),
+    ("05_nola", "class GenerateParams", "from course.nola import GenerateParams", "course's own reference"),
+    ("05_nola", "class GenerateParams", "import course.nola\n\n\nclass GenerateParams:\n"
+     "    apply = staticmethod(lambda c, rows, cols, seed: course.nola.GenerateParams.apply(c, rows, cols, seed))",
+     "calls the course's reference"),
 ])
 def test_the_courses_reference_is_not_an_answer(tmp_path, chapter, cell, answer, phrase):
     report = grade(student(chapter, tmp_path, replace=(cell, answer)), run=False)
