@@ -70,8 +70,9 @@ def test_each_method_trains_and_writes_an_adapter_peft_loads(method, tiny_model,
     if method == "vera":
         assert config["peft_type"] == "VERA"
     if method == "nola":  # its own file (coefficients, seeds) and PEFT's plain LoRA give the same model
-        from course.nola import load_nola, nola_layers
         from transformers import AutoModelForCausalLM
+
+        from course.nola import load_nola, nola_layers
 
         nola = load_nola(AutoModelForCausalLM.from_pretrained(tiny_model), out / "nola")
         assert len(nola_layers(nola)) == 14 and config["peft_type"] == "LORA"  # 7 linears x 2 blocks
