@@ -185,6 +185,14 @@ class NotNormalised(Scratch):
         return torch.ones_like(self.magnitude)
 
 
+class SquareOnly(Scratch):
+    """B made (in_features, r): right whenever the layer is square, wrong otherwise."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.lora_B = nn.Parameter(torch.zeros(base.in_features, r))
+
+
 MISTAKES = [
     (NormWrongDim, ["wrong dimension", "dim=1"]),
     (NormWrongDimInForward, ["wrong dimension", "dim=1"]),
@@ -199,6 +207,7 @@ MISTAKES = [
     (PlainLoRAForward, ["plain LoRA", "magnitude m"]),
     (NotNormalised, ["without dividing"]),
     (LoRALinear, ["no `.magnitude`"]),
+    (SquareOnly, ["square", "in_features != out_features", "dimension each shape and norm uses"]),
 ]
 
 

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from course.check.core import Failure, check, expect
 from course.check.lora import (
     ALPHA,
-    NON_SQUARE,
     SCALING,
-    SQUARE,
     R,
     _base_weight,
     _build,
@@ -29,6 +27,7 @@ from course.check.lora import (
     _forward_any_batch,
     _lora_input,
     _matrix,
+    run_on_both_shapes,
 )
 
 _NO_MAGNITUDE = ("Your layer has no `.magnitude`. Store m, one trainable number per output feature, "
@@ -272,17 +271,6 @@ def dora_linear(answer):
     """``answer`` is a class ``C(base: nn.Linear, r, alpha, dropout=0.0)``: a DoRA layer (eq. 5)."""
     expect(isinstance(answer, type) or callable(answer), "Expected a class C(base, r, alpha, dropout=0.0), "
            f"got {type(answer).__name__}. Pass the class itself: check.dora_linear(DoRALinear).")
-    steps = (_check_construction, _check_forward, _check_gradients, _check_dropout, _check_merge)
-    with torch.random.fork_rng():
-        for step in steps:
-            step(answer, SQUARE)
-        for step in steps:
-            try:
-                step(answer, NON_SQUARE)
-            except NotImplementedError:
-                raise
-            except Exception as exc:
-                raise Failure(f"Your layer works for a square nn.Linear{SQUARE} but not for "
-                              f"nn.Linear{NON_SQUARE}, where in_features != out_features: check which "
-                              f"dimension each shape and norm uses.\n\n{exc}") from exc
+    run_on_both_shapes(answer, (_check_construction, _check_forward, _check_gradients, _check_dropout,
+                                _check_merge), "dimension each shape and norm uses")
 

@@ -286,19 +286,8 @@ def lora_linear(answer):
     """``answer`` is a class ``C(base: nn.Linear, r, alpha, dropout=0.0)``: a LoRA layer (eq. 3)."""
     expect(isinstance(answer, type) or callable(answer), "Expected a class C(base, r, alpha, "
            f"dropout=0.0), got {type(answer).__name__}. Pass the class itself: check.lora_linear(LoRALinear).")
-    steps = (_check_construction, _check_forward, _check_gradients, _check_dropout, _check_merge)
-    with torch.random.fork_rng():
-        for step in steps:
-            step(answer, SQUARE)
-        for step in steps:
-            try:
-                step(answer, NON_SQUARE)
-            except NotImplementedError:
-                raise
-            except Exception as exc:
-                raise Failure(f"Your layer works for a square nn.Linear{SQUARE} but not for "
-                              f"nn.Linear{NON_SQUARE}, where in_features != out_features: check which "
-                              f"of A and B uses in_features and which out_features.\n\n{exc}") from exc
+    run_on_both_shapes(answer, (_check_construction, _check_forward, _check_gradients, _check_dropout,
+                                _check_merge), "of A and B uses in_features and which out_features")
 
 
 # ---------------------------------------------------------------------------
@@ -505,6 +494,27 @@ def _get(model: nn.Module, dotted: str):
         return model.get_submodule(dotted)
     except AttributeError:
         return None
+
+
+def run_on_both_shapes(answer, steps, what_to_check: str) -> None:
+    """Run each ``step(answer, shape)`` on a square layer, then on a non-square one.
+
+    A layer that only fails when in_features != out_features mixed the two up somewhere:
+    the failure says so, and ``what_to_check`` says where to look. Shared by the layer
+    checks of notebooks 02 (LoRA) and 03 (DoRA).
+    """
+    with torch.random.fork_rng():
+        for step in steps:
+            step(answer, SQUARE)
+        for step in steps:
+            try:
+                step(answer, NON_SQUARE)
+            except NotImplementedError:
+                raise
+            except Exception as exc:
+                raise Failure(f"Your layer works for a square nn.Linear{SQUARE} but not for "
+                              f"nn.Linear{NON_SQUARE}, where in_features != out_features: check which "
+                              f"{what_to_check}.\n\n{exc}") from exc
 
 
 def _inject_solution(model, targets, r, alpha, layer=None):
