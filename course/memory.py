@@ -14,7 +14,9 @@ above where it stood before the call, at its highest point.
   holds, so that reusing them counts too. The mark is then the most memory live at once. Afterwards
   the thresholds are set to 32 MiB (mmap) and 64 MiB (trim), where glibc's own adaptive
   thresholds end up for big blocks, so later work (training) is not slowed by fresh mappings.
-  Call ``fn`` once beforehand: a first call also maps code and allocator pools.
+  Call ``fn`` once beforehand: a first call also maps code and allocator pools. The kernel's
+  RSS counters are batched per CPU, so a block freed just before the next one is allocated can
+  still count: expect an error of up to one such block (tests/test_memory.py measured it).
 * elsewhere (macOS, Windows, mps): ``None``, with the result.
 """
 
