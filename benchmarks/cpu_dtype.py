@@ -11,9 +11,11 @@ every linear layer (adapters in float32, as always), it times:
 - greedy generation of answers (up to 6 new tokens) to ``--questions`` held-out questions in
   one batch, as ``course.generate.accuracy`` scores them, after a warm-up on two;
 
-and prints one table with the ratio float32 / bfloat16 (above 1: bfloat16 is faster).
-The CPU's bfloat16 support decides the answer: with AVX512-BF16 or AMX the matrix products
-are fast, the many small element-wise kernels of generation are not.
+and prints one table with the ratio float32 / bfloat16 (above 1: bfloat16 is faster), headed by
+the processor it ran on. The CPU's bfloat16 support decides the answer: with AVX512-BF16 or AMX the
+matrix products are fast, the many small element-wise kernels of generation are not; without it
+(AVX2 only) bfloat16 is emulated and everything is far slower. A figure from this benchmark holds
+for the processor it names, not for another.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import torch
 
 from course.data import addition_splits
+from course.device import cpu_bfloat16, cpu_model
 from course.generate import generate
 from course.lora import inject_lora, mark_only_lora_as_trainable
 from course.models import load_base_model, load_tokenizer
@@ -55,14 +58,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--questions", type=int, default=32)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"processor: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {cpu_bfloat16()}")
     results = {name: measure(dtype, args.steps, args.questions)
                for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]}
     print(f"{'':28s}{'float32':>10s}{'bfloat16':>10s}{'f32/bf16':>10s}")
     for key, label in [("step", "training step, batch 16 (s)"), ("generate", f"greedy answers to {args.questions} (s)")]:
         f32, bf16 = results["float32"][key], results["bfloat16"][key]
         print(f"{label:28s}{f32:10.2f}{bf16:10.2f}{f32 / bf16:10.2f}")
+    print(f"On {cpu_model()}: " + "; ".join(
+        f"{key} {'faster' if results['float32'][key] > results['bfloat16'][key] else 'slower'} in bfloat16"
+        for key in ("step", "generate")))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _model(args) -> int:
 def _adapters(args) -> int:
     from course.adapters import build_all
 
-    build_all(names=args.names or None, steps=args.steps)
+    build_all(names=args.names or None, steps=args.steps, out_dir=args.out)
     return 0
 
 
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     adapters.add_argument("command", choices=["build"])
     adapters.add_argument("names", nargs="*", help="which adapters (default: all)")
     adapters.add_argument("--steps", type=int, help="override the recipe's step count (a quick try; the result is not what ships)")
+    adapters.add_argument("--out", help="write the adapters into this folder instead of the package "
+                          "(for another base model: then set COURSE_ADAPTERS to it)")
     adapters.set_defaults(func=_adapters)
 
     grade = groups.add_parser("grade", help="grade student notebooks (files or folders)")

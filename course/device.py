@@ -7,7 +7,11 @@ deciding for itself. ``COURSE_DEVICE`` and ``COURSE_DTYPE`` override the choices
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -44,10 +48,13 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
 
     - cuda: bfloat16 from compute capability 8.0 (A100, L4, H100), float16 below (T4, V100).
       (``torch.cuda.is_bf16_supported()`` is not asked: it counts emulation, which is slow.)
-    - cpu and mps: float32. Measured on the course's CPU, which has native bfloat16
-      (AVX512-BF16), a LoRA training step on the base model (batch 16) was only 1.3x
-      faster in bfloat16, and greedy answers to 32 questions 2.1x slower
-      (``benchmarks/cpu_dtype.py``), so the CPU keeps float32.
+    - cpu: float32, decided by what this processor does (``cpu_bfloat16``). Where bfloat16 is
+      emulated (AVX2-only x86, for example) its matrix products are over a hundred times slower
+      than float32's. Where it is native (AVX512-BF16 or AMX), ``benchmarks/cpu_dtype.py`` on an
+      AMD EPYC with AVX512-BF16 measured a LoRA training step (batch 16) 1.3x faster in bfloat16
+      and greedy answers to 32 questions 2.1x slower; every notebook both trains and generates,
+      so float32 there too. Run the benchmark to see your own processor's figures.
+    - mps: float32.
 
     Trainable adapter weights stay in float32 in any case (``course.lora.adapter_dtype``).
     """
@@ -61,6 +68,76 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.float32
 
 
+@dataclass(frozen=True)
+class CPUBFloat16:
+    """Whether this CPU multiplies bfloat16 matrices natively, and how that was found out."""
+
+    native: bool
+    how: str
+
+    def __str__(self) -> str:
+        return f"bfloat16 {'native' if self.native else 'emulated'} on this CPU ({self.how})"
+
+
+def cpu_model() -> str:
+    """The processor's model name (``lscpu``'s "Model name"), for reports and saved timings."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("model name", "Model name")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _matmul_ratio(size: int = 512, repeats: int = 5) -> float:
+    """Best bfloat16 time over best float32 time for a ``size`` square matrix product, interleaved
+    so that a busy machine slows both alike."""
+    a = {dtype: torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+         for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(a, float("inf"))
+    for _ in range(repeats + 1):  # the first round warms up and is not counted
+        for dtype, m in a.items():
+            start = time.perf_counter()
+            m @ m
+            best[dtype] = min(best[dtype], time.perf_counter() - start) if _ else float("inf")
+    return best[torch.bfloat16] / best[torch.float32]
+
+
+@functools.cache
+def cpu_bfloat16() -> CPUBFloat16:
+    """Does this CPU compute bfloat16 natively? ``COURSE_CPU_BFLOAT16=native|emulated`` forces the answer.
+
+    Otherwise it is measured, in under a second: a 512x512 bfloat16 matrix product
+    against the same in float32. Native bfloat16 (AVX512-BF16, AMX, Arm's BF16) runs it at
+    least as fast as float32; emulated bfloat16 (AVX2-only x86) over ten times slower (a
+    hundred times, measured on an AVX2-only AMD EPYC). The flags the kernel reports are
+    named beside the measurement, never used instead of it: a flag says what the processor
+    could do, the measurement what this torch build does with it.
+    """
+    forced = os.environ.get("COURSE_CPU_BFLOAT16")
+    if forced:
+        if forced not in {"native", "emulated"}:
+            raise ValueError(f"COURSE_CPU_BFLOAT16={forced!r}: use native or emulated (or unset it to measure).")
+        return CPUBFloat16(forced == "native", "forced by COURSE_CPU_BFLOAT16")
+    ratio = _matmul_ratio()
+    flags = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    named = f"; flags {', '.join(flags)}" if flags else "; no bfloat16 flag reported"
+    return CPUBFloat16(ratio < 4.0, f"bfloat16 matmul {ratio:.2g}x float32's time{named}")
+
+
 def describe() -> str:
     """One line: device, dtype and thread count, for the notebooks' environment report."""
     device = default_device()
@@ -68,5 +145,5 @@ def describe() -> str:
     if device.type == "cuda":
         extra = f" ({torch.cuda.get_device_name(device)})"
     elif device.type == "cpu":
-        extra = f" ({torch.get_num_threads()} threads)"
+        extra = f" ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     return f"{device.type}{extra}, base model dtype {str(default_dtype(device)).removeprefix('torch.')}"

@@ -27,3 +27,85 @@ def tokenizer():
     from course.models import load_tokenizer
 
     return load_tokenizer()
+
+
+def make_tiny_model(out, *, seed: int = 0):
+    """A random LlamaForCausalLM of SmolLM2's architecture with tiny layers, saved to ``out``.
+
+    Same class, vocabulary, tokenizer and chat template as the base model, same module names
+    (``model.layers.N.self_attn.q_proj`` ...), but hidden size 16 and two layers (0.8 M
+    parameters instead of 134.5 M): code that runs on it runs on the real model's code path.
+    For exercising code only, never for results. ``COURSE_MODEL=out`` points the notebooks at it.
+    """
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from course.models import model_path
+
+    source, out = Path(model_path(progress=False)), Path(out)
+    config = AutoConfig.from_pretrained(source)
+    config.update({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8})
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``make_tiny_model`` once per session."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-smollm2"))
+
+
+# The test output says which processor ran it and how long each pass took (CI prints both).
+PASSES = {"[solution-bf16-": "half precision solutions", "[solution-": "float32 solutions",
+          "[student-": "student notebooks"}
+_pass_seconds: dict[str, float] = {}
+
+
+def pytest_report_header(config):
+    import torch
+
+    from course.device import cpu_bfloat16, cpu_model
+
+    return [f"processor: {cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{cpu_bfloat16()}"]
+
+
+def pytest_runtest_logreport(report):
+    name = next((label for key, label in PASSES.items() if key in report.nodeid), "the rest")
+    _pass_seconds[name] = _pass_seconds.get(name, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _pass_seconds:
+        return
+    terminalreporter.section("time per pass")
+    for name in ("the rest", *PASSES.values()):
+        if name in _pass_seconds:
+            terminalreporter.write_line(f"{name:28s}{_pass_seconds[name]:8.0f} s")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters_dir(tiny_model_dir, tmp_path_factory):
+    """The course's adapters (same recipes: targets, rank, alpha) rebuilt for ``tiny_model_dir`` with one
+    training step, as ``python -m course adapters build --out`` does; ``COURSE_ADAPTERS`` points at it."""
+    from course.adapters import build_all
+
+    out = tmp_path_factory.mktemp("tiny-adapters")
+    before = os.environ.get("COURSE_MODEL")
+    os.environ["COURSE_MODEL"] = str(tiny_model_dir)
+    try:
+        build_all(steps=1, progress=False, out_dir=out, overrides={"n_eval": 2, "examples": ()})
+    finally:
+        if before is None:
+            del os.environ["COURSE_MODEL"]
+        else:
+            os.environ["COURSE_MODEL"] = before
+    return out

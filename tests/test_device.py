@@ -60,3 +60,48 @@ def test_course_device_overrides_and_bad_values_say_what_to_use(clean_env):
     clean_env.setenv("COURSE_DTYPE", "half")
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
         device.default_dtype()
+
+
+@pytest.fixture
+def unforced(monkeypatch):
+    monkeypatch.delenv("COURSE_CPU_BFLOAT16", raising=False)
+    device.cpu_bfloat16.cache_clear()
+    yield monkeypatch
+    device.cpu_bfloat16.cache_clear()
+
+
+@pytest.mark.parametrize(("ratio", "native"), [(0.4, True), (1.5, True), (30.0, False), (120.0, False)])
+def test_cpu_bfloat16_is_decided_by_the_measured_ratio(unforced, ratio, native):
+    unforced.setattr(device, "_matmul_ratio", lambda: ratio)
+    found = device.cpu_bfloat16()
+    assert found.native is native
+    assert f"{ratio:.2g}x" in found.how and ("native" if native else "emulated") in str(found)
+
+
+@pytest.mark.parametrize("value", ["native", "emulated"])
+def test_cpu_bfloat16_can_be_forced_either_way(unforced, value):
+    unforced.setattr(device, "_matmul_ratio", lambda: pytest.fail("a forced answer must not measure"))
+    unforced.setenv("COURSE_CPU_BFLOAT16", value)
+    assert device.cpu_bfloat16().native is (value == "native")
+    assert "COURSE_CPU_BFLOAT16" in device.cpu_bfloat16().how
+
+
+def test_cpu_bfloat16_bad_value_says_what_to_use(unforced):
+    unforced.setenv("COURSE_CPU_BFLOAT16", "yes")
+    with pytest.raises(ValueError, match="native or emulated"):
+        device.cpu_bfloat16()
+
+
+def test_the_measurement_itself_is_quick_and_positive(unforced):
+    import time
+
+    start = time.perf_counter()
+    ratio = device._matmul_ratio()
+    assert ratio > 0 and time.perf_counter() - start < 10
+
+
+def test_cpu_description_names_the_processor(clean_env):
+    clean_env.setattr(torch.cuda, "is_available", lambda: False)
+    clean_env.setenv("COURSE_DEVICE", "cpu")
+    assert device.cpu_model() in device.describe()
+    assert torch.backends.cpu.get_cpu_capability() in device.describe()

@@ -5,8 +5,21 @@
   outputs the prose cites; ``tests/test_notebooks.py`` fails when they are older than the code.
 - ``solution-bf16``: the route a Colab GPU takes, on the CPU: the base model in bfloat16
   (``COURSE_DTYPE=bfloat16``) with float32 adapters, ``COURSE_QUICK=1`` budgets, every check passing.
+  How depends on the processor (``course.device.cpu_bfloat16``; ``COURSE_CPU_BFLOAT16=native|emulated``
+  forces either path on any machine):
+
+  * bfloat16 native (AVX512-BF16, AMX): every notebook on the real base model, as on a GPU;
+  * bfloat16 emulated (AVX2-only x86: over a hundred times slower than float32, which would take
+    hours): every notebook on a random two-layer Llama of SmolLM2's architecture, tokenizer and
+    module names (``conftest.make_tiny_model``), so every cell still runs its half-precision code
+    path, with the course's adapters rebuilt for it (``COURSE_ADAPTERS``, ``conftest.tiny_adapters_dir``).
 - ``student``: as a learner first opens it, with ``COURSE_QUICK=1``: every check must report
   "not attempted", so a stub can never pass.
+
+Each run has a time limit sized from its time measured on the processor named in
+``tests/notebook_times.json`` (``LIMIT_FACTOR`` times that, plus ``LIMIT_SLACK`` seconds), so a
+pathological slowdown fails fast, naming the notebook and the cell it stopped in.
+``COURSE_RECORD_TIMES=FILE`` appends each run's seconds to FILE (JSON lines) to re-measure them.
 
 Cells marked ``# NBVAL_CHECK_OUTPUT`` are compared with the stored outputs of the solution
 notebooks (in the float32 run only: bfloat16 rounds differently).
@@ -14,15 +27,24 @@ notebooks (in the float32 run only: bfloat16 rounds differently).
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from course import notebooks
+from course.device import cpu_bfloat16, cpu_model
 
 pytestmark = pytest.mark.notebook
+
+TIMES = json.loads((Path(__file__).with_name("notebook_times.json")).read_text())
+LIMIT_FACTOR, LIMIT_SLACK, UNMEASURED_LIMIT = 3.0, 60.0, 600.0
+BF16 = cpu_bfloat16()
 
 SOLUTIONS = notebooks.solution_paths()
 CASES = ([("solution", p) for p in SOLUTIONS] + [("solution-bf16", p) for p in SOLUTIONS]
@@ -34,23 +56,92 @@ SETTINGS = {  # kind -> (COURSE_STRICT_CHECKS, COURSE_QUICK, COURSE_DTYPE)
 }
 
 
-def run_nbval(path, env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
-         "--nbval-cell-timeout=900", str(path)],
-        cwd=notebooks.ROOT, env=env, capture_output=True, text=True, timeout=1800,
-    )
+def half_precision_plan() -> str:
+    """The sentence the test output shows about the bfloat16 pass."""
+    if BF16.native:
+        return f"{BF16}: running the solution notebooks on the real base model in bfloat16"
+    return (f"{BF16}: running the solution notebooks in bfloat16 on a random two-layer Llama of "
+            "SmolLM2's architecture, with the course's adapters rebuilt for it")
 
 
-@pytest.mark.parametrize(("kind", "path"), CASES, ids=[f"{k}-{p.name}" for k, p in CASES])
-def test_notebook_runs(kind, path, tmp_path):
+def timing_key(kind: str, stem: str) -> str:
+    """Which measured time a run is held to: the bfloat16 pass on the tiny model is its own kind."""
+    return "solution-bf16-tiny" if kind == "solution-bf16" and not BF16.native else kind
+
+
+def time_limit(kind: str, stem: str) -> tuple[float, str]:
+    """Seconds a run may take, and how that number was made."""
+    key = timing_key(kind, stem)
+    measured = TIMES["seconds"].get(key, {}).get(stem)
+    if measured is None:
+        return UNMEASURED_LIMIT, f"{UNMEASURED_LIMIT:.0f} s: no time measured for {key} {stem} yet"
+    limit = LIMIT_FACTOR * measured + LIMIT_SLACK
+    return limit, (f"{limit:.0f} s = {LIMIT_FACTOR:g} x the {measured:.0f} s measured on "
+                   f"{TIMES['processor']} + {LIMIT_SLACK:.0f} s")
+
+
+def run_nbval(path, env, limit: float, why: str) -> subprocess.CompletedProcess:
+    """nbval on ``path`` with a per-cell and a whole-run limit; past it, every process it started is
+    killed and the test fails naming the notebook and the cell that was running."""
+    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--nbval-lax",
+               "--nbval-current-env", f"--nbval-cell-timeout={limit:.0f}", "-o", "addopts=", str(path)]
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # cells reported as they finish, so a stop can name the next
+    process = subprocess.Popen(command, cwd=notebooks.ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        _kill_tree(process)
+        stdout, stderr = process.communicate()
+        finished = [int(n) for n in re.findall(r"::Cell (\d+) (?:PASSED|FAILED|SKIPPED)", stdout)]
+        running = max(finished) + 1 if finished else 0
+        pytest.fail(f"{Path(path).name} passed its time limit ({why}) and was stopped in cell {running} "
+                    f"(cells 0-{running - 1} had finished). A cell this slow is a fault: look at what "
+                    f"cell {running} runs on this processor ({cpu_model()}, {BF16}).\n{stdout[-3000:]}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """Kill nbval, its kernel and anything they started (the kernel may sit in its own session)."""
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _case(kind: str, path: Path):
+    """A parameter whose pytest-timeout is the run's own limit plus room to report it."""
+    limit, _ = time_limit(kind, path.stem)
+    return pytest.param(kind, path, id=f"{kind}-{path.name}", marks=pytest.mark.timeout(limit + 120))
+
+
+@pytest.mark.parametrize(("kind", "path"), [_case(k, p) for k, p in CASES])
+def test_notebook_runs(kind, path, tmp_path, request):
     log = tmp_path / "checks.jsonl"
     strict, quick, dtype = SETTINGS[kind]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COURSE_CHECK_LOG": str(log), "MPLBACKEND": "agg",
            "COURSE_STRICT_CHECKS": strict, "COURSE_QUICK": quick, "COURSE_DTYPE": dtype}
     if kind == "solution-bf16":
         path = _without_output_checks(path, tmp_path)
-    result = run_nbval(path, env)
+        if timing_key(kind, path.stem) == "solution-bf16-tiny":
+            env["COURSE_MODEL"] = str(request.getfixturevalue("tiny_model_dir"))
+            env["COURSE_ADAPTERS"] = str(request.getfixturevalue("tiny_adapters_dir"))
+    limit, why = time_limit(kind, path.stem)
+    start = time.perf_counter()
+    result = run_nbval(path, env, limit, why)
+    _record(kind, path.stem, time.perf_counter() - start)
     assert result.returncode == 0, f"{path.name} failed under nbval:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
 
     expected = notebooks.checks_called(nbformat.read(path, as_version=4))
@@ -60,6 +151,15 @@ def test_notebook_runs(kind, path, tmp_path):
     wanted = "not_attempted" if kind == "student" else "passed"
     wrong = {name: status for name, status in statuses.items() if status != wanted}
     assert not wrong, f"{path.name}: checks that are not {wanted}: {wrong}"
+
+
+def _record(kind: str, stem: str, seconds: float) -> None:
+    target = os.environ.get("COURSE_RECORD_TIMES")
+    if target:
+        with open(target, "a") as out:
+            out.write(json.dumps({"kind": timing_key(kind, stem), "notebook": stem,
+                                  "seconds": round(seconds, 1), "processor": cpu_model(),
+                                  "bfloat16": "native" if BF16.native else "emulated"}) + "\n")
 
 
 def _without_output_checks(path, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +28,22 @@ ADAPTERS_DIR = Path(__file__).resolve().parent
 
 
 def adapter_path(name: str) -> Path:
-    """The folder of the shipped adapter ``name`` (``"addition"`` or ``"pirate"``)."""
+    """The folder of the course's adapter ``name`` (``"addition"`` or ``"pirate"``).
+
+    The ones shipped in the package, made for SmolLM2-135M-Instruct; or, when ``COURSE_ADAPTERS``
+    names a folder, the ones there: adapters rebuilt for another base model (``COURSE_MODEL``) with
+    ``python -m course adapters build --out FOLDER``.
+    """
     if name not in RECIPES:
         raise KeyError(f"No shipped adapter called {name!r}; there are {sorted(RECIPES)}.")
+    if os.environ.get("COURSE_ADAPTERS"):
+        folder = Path(os.environ["COURSE_ADAPTERS"]).expanduser() / name
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"COURSE_ADAPTERS={os.environ['COURSE_ADAPTERS']} has no adapter {name!r} ({folder} holds no "
+                "adapter_config.json): build it with `python -m course adapters build --out "
+                f"{os.environ['COURSE_ADAPTERS']}`, or unset COURSE_ADAPTERS to use the shipped ones.")
+        return folder
     return ADAPTERS_DIR / name
 
 
@@ -186,6 +200,8 @@ def build(
     if name not in RECIPES:
         raise KeyError(f"No adapter recipe called {name!r}; there are {sorted(RECIPES)}.")
     recipe = replace(RECIPES[name], **(overrides or {}))
+    if os.environ.get("COURSE_MODEL"):  # trained on another base model: say which
+        recipe = replace(recipe, base_model=os.environ["COURSE_MODEL"])
     if steps is not None:
         recipe = replace(recipe, steps=steps)
     out_dir = Path(out_dir) if out_dir is not None else ADAPTERS_DIR
