@@ -6,7 +6,9 @@ Preference Optimization: Your Language Model is Secretly a Reward Model*)::
     loss_i = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
 
 per example i, with y_w the chosen and y_l the rejected completion; it equals TRL's
-``loss_type="sigmoid"`` DPO loss (tests/test_rlhf.py).
+``loss_type="sigmoid"`` DPO loss (tests/test_rlhf.py). GRPO's group-relative advantages are
+``grpo_advantages`` (section 4.1.2 of Shao et al. 2024, *DeepSeekMath*, as TRL's ``GRPOTrainer``
+computes them; tests/test_rlhf.py runs the trainer to compare).
 
 The rest is the plumbing that keeps the notebook short:
 
@@ -45,6 +47,7 @@ from course.train import default_budget
 
 __all__ = [
     "dpo_loss",
+    "grpo_advantages",
     "RLHFBudget",
     "rlhf_budget",
     "lora_config",
@@ -91,6 +94,57 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     return -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024, section 4.1.2), as TRL's ``GRPOTrainer`` computes them.
+
+    ``rewards`` holds one reward per completion, flat, with the ``group_size`` completions of each
+    prompt consecutive (TRL's ``num_generations``). Each completion's baseline is the mean reward of
+    its group; ``scale_rewards`` says what the difference is divided by:
+
+    - ``"group"`` (TRL's default): the group's sample standard deviation (Bessel, n - 1) + 1e-4;
+    - ``"batch"``: the standard deviation of the whole batch + 1e-4 (the baseline stays the group's mean);
+    - ``"none"``: nothing (Dr. GRPO, Liu et al. 2025).
+
+    ``True`` and ``False`` mean "group" and "none", as in ``GRPOConfig``. Returns a flat tensor like
+    ``rewards``. TRL also accepts NaN rewards (completions no reward function scored), leaves them
+    out of the statistics and gives them advantage 0; here a NaN is refused.
+    """
+    rewards, scale_rewards = _grpo_inputs(rewards, group_size, scale_rewards)
+    groups = rewards.view(-1, group_size)  # one row per prompt
+    advantages = rewards - groups.mean(dim=1).repeat_interleave(group_size)
+    if scale_rewards == "none":
+        return advantages
+    if scale_rewards == "group":
+        std = groups.std(dim=1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(rewards)
+    else:
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards)
+    return advantages / (std + 1e-4)
+
+
+def _grpo_inputs(rewards, group_size, scale_rewards) -> tuple[torch.Tensor, str]:
+    """``grpo_advantages``'s arguments, checked: a flat float tensor, whole groups, a known scaling."""
+    scale = {True: "group", False: "none"}[scale_rewards] if isinstance(scale_rewards, bool) else scale_rewards
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none' (as in TRL's GRPOConfig), got "
+                         f"{scale_rewards!r}.")
+    rewards = torch.as_tensor(rewards)
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be flat, one reward per completion with each prompt's completions "
+                         f"consecutive; got shape {tuple(rewards.shape)}. Flatten it (rewards.flatten()) in "
+                         "that order.")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int (completions per prompt), got {group_size!r}.")
+    if rewards.numel() == 0 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not make whole groups of {group_size}: each prompt needs "
+                         "exactly group_size completions.")
+    if torch.isnan(rewards).any():
+        raise ValueError("rewards holds NaN: score every completion (TRL gives unscored ones advantage 0 and "
+                         "leaves them out of the group statistics).")
+    return rewards, scale
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,9 @@ so the file takes seconds.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -288,3 +290,100 @@ def test_sampled_reward_is_seeded_and_leaves_the_random_state_alone(tokenizer):
                for seed in (0, 0, 1)]
     assert lengths[0] == lengths[1], "the same seed samples the same replies"
     assert lengths[0] != lengths[2], "another seed samples other replies"
+
+
+# ---------------------------------------------------------------------------
+# GRPO's advantages against GRPOTrainer
+# ---------------------------------------------------------------------------
+
+GROUP = 4  # completions per prompt (TRL's num_generations)
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tokenizer):
+    """A real ``GRPOTrainer`` on a tiny model, whose reward function hands out seeded rewards and logs them.
+
+    ``run(scale_rewards)`` runs TRL's own ``_generate_and_score_completions`` on one generation batch
+    (3 prompts x 4 completions) and returns (the rewards TRL was given, the prompts they came with,
+    the advantages TRL computed). The advantages are computed in that method, trl/trainer/grpo_trainer.py
+    lines 2761-2787 in trl 1.16.0 (``mean_grouped_rewards``, ``nanstd``, ``+ 1e-4``).
+    """
+    from trl import GRPOConfig, GRPOTrainer
+
+    log = []
+    g = torch.Generator().manual_seed(0)
+
+    def seeded_reward(prompts, completions, **kwargs):
+        rewards = torch.rand(len(completions), generator=g).mul(3).round().div(2)  # 0, 0.5, 1 or 1.5
+        rewards[:GROUP] = 1.0  # the first prompt's group has no spread: the 1e-4 is all that divides
+        log.append((rewards.tolist(), [p[0]["content"] for p in prompts]))
+        return rewards.tolist()
+
+    args = GRPOConfig(**{**rlhf._common("test-grpo", 1, 3 * GROUP, 1e-3, 0), "use_cpu": True, "bf16": False,
+                         "fp16": False}, num_generations=GROUP, max_completion_length=4, beta=0.0,
+                      log_completions=False)
+    with rlhf.quiet_datasets():
+        trainer = GRPOTrainer(model=_tiny_llama(tokenizer), reward_funcs=seeded_reward, args=args,
+                              train_dataset=rlhf.grpo_dataset("eval").select(range(6)), processing_class=tokenizer)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    def run(scale_rewards):
+        trainer.scale_rewards = scale_rewards
+        out = trainer._generate_and_score_completions(batch)
+        rewards, prompts = log[-1]
+        return torch.tensor(rewards), prompts, out["advantages"]
+
+    return run
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_grpo_advantages_equal_trls_on_logged_rewards(grpo_run, scale_rewards):
+    rewards, prompts, theirs = grpo_run(scale_rewards)
+    # TRL's convention, seen from the reward function: each prompt's completions are consecutive.
+    assert all(len(set(prompts[i : i + GROUP])) == 1 for i in range(0, len(prompts), GROUP))
+    assert len(set(prompts)) == len(prompts) // GROUP
+    assert rewards.view(-1, GROUP).std(dim=1).gt(0).sum() >= 2, "the seeded rewards should vary in most groups"
+    ours = rlhf.grpo_advantages(rewards, GROUP, scale_rewards)
+    assert ours.shape == theirs.shape == (12,)
+    # Same float32 statistics, computed in another order (TRL's nanstd): rounding of order 1e-7.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(theirs[:GROUP], torch.zeros(GROUP)), "a group without spread has no advantage"
+
+
+def test_grpo_scalings_differ_and_follow_the_formulas():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    groups = rewards.view(3, 4)
+    centred = (groups - groups.mean(dim=1, keepdim=True)).flatten()
+    none = rlhf.grpo_advantages(rewards, 4, "none")
+    torch.testing.assert_close(none, centred)
+    # By hand: squared deviations 0.5, 2 and 0 over n - 1 = 3.
+    sample_std = torch.tensor([math.sqrt(0.5 / 3), math.sqrt(2.0 / 3), 0.0]).repeat_interleave(4)
+    torch.testing.assert_close(rlhf.grpo_advantages(rewards, 4), centred / (sample_std + 1e-4))
+    torch.testing.assert_close(rlhf.grpo_advantages(rewards, 4, "batch"), centred / (rewards.std() + 1e-4))
+    # GRPOConfig's aliases: True is "group", False is "none".
+    torch.testing.assert_close(rlhf.grpo_advantages(rewards, 4, True), rlhf.grpo_advantages(rewards, 4, "group"))
+    torch.testing.assert_close(rlhf.grpo_advantages(rewards, 4, False), none)
+    # One completion per prompt: no spread to divide by, so no advantage (as TRL).
+    assert torch.equal(rlhf.grpo_advantages(rewards, 1), torch.zeros(12))
+
+
+def test_grpo_config_maps_the_boolean_aliases_as_we_do():
+    from trl import GRPOConfig
+
+    for alias, meaning in ((True, "group"), (False, "none")):
+        config = GRPOConfig(**{**rlhf._common("test-grpo-alias", 1, 4, 1e-3, 0), "use_cpu": True},
+                            num_generations=4, scale_rewards=alias)
+        assert config.scale_rewards == meaning
+
+
+@pytest.mark.parametrize(("args", "phrase"), [
+    ((torch.zeros(3, 4), 4), "must be flat"),
+    ((torch.zeros(10), 4), "do not make whole groups of 4"),
+    ((torch.zeros(8), 0), "positive int"),
+    ((torch.zeros(8), 4, "batchwise"), "'group', 'batch' or 'none'"),
+    ((torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2), "NaN"),
+])
+def test_grpo_advantages_refuse_bad_input(args, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        rlhf.grpo_advantages(*args)
