@@ -33,6 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course import peft_format  # the file format: part of this interface
+from course.peft_format import load_peft_adapter, save_peft_adapter
+from course.surgery import as_targets, is_adapted, matches_target, plain_modules, replace_module
+
 __all__ = [
     "LoRALayer",
     "LoRALinear",
@@ -41,6 +45,8 @@ __all__ = [
     "MergedLoRALinear",
     "adapter_dtype",
     "inject_lora",
+    "lora_class_for",
+    "matches_target",
     "lora_layers",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
@@ -194,6 +200,10 @@ class LoRALinear(LoRALayer):
         A, B = self.lora_factors()
         return (B @ A) * self.scaling
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's tensor names for this layer, suffix -> the live tensor (``course.peft_format``)."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
 
 class LoRAEmbedding(LoRALayer):
     """LoRA on a frozen ``nn.Embedding`` (notebook 02), with PEFT's conventions.
@@ -227,6 +237,10 @@ class LoRAEmbedding(LoRALayer):
     def get_delta_weight(self) -> torch.Tensor:
         # (num_embeddings, dim), the shape of the embedding weight: the transpose of B A.
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's tensor names for an embedding's factors (``course.peft_format``)."""
+        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
 
 
 class LoRAConv2d(LoRALayer):
@@ -262,6 +276,10 @@ class LoRAConv2d(LoRALayer):
         # B: (out, r, 1, 1), A: (r, in, kh, kw)  ->  (out, in, kh, kw)
         B = self.lora_B.weight[:, :, 0, 0]
         return torch.einsum("or,rikl->oikl", B, self.lora_A.weight) * self.scaling
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's tensor names for this layer (``course.peft_format``): as for ``LoRALinear``."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
 
 class MergedLoRALinear(LoRALayer):
@@ -311,52 +329,31 @@ class MergedLoRALinear(LoRALayer):
             delta[i * self.part_size:(i + 1) * self.part_size] = per_part[n]
         return delta
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        raise ValueError("A MergedLoRALinear cannot be saved as a PEFT adapter: PEFT has no fused layer. "
+                         "Use separate q/k/v projections with LoRALinear.")
+
 
 # ---------------------------------------------------------------------------
 # Putting LoRA into a model
 # ---------------------------------------------------------------------------
 
 _LORA_FOR = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
+for _base_type, _lora_class in _LORA_FOR.items():  # what load_peft_adapter builds for each kind of module
+    peft_format.register_layer(_base_type, _lora_class)
 
 
-def _lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+    """The course's LoRA class for a module (``LoRALinear`` for an ``nn.Linear``, ...), None if there is none."""
     for base_type, lora_class in _LORA_FOR.items():
         if isinstance(module, base_type):
             return lora_class
     return None
 
 
-def _is_adapted(module: nn.Module) -> bool:
-    """A LoRA layer of the course's, or a learner's own layer of the same shape (it has ``lora_A``)."""
-    return isinstance(module, LoRALayer) or hasattr(module, "lora_A")
-
-
-def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules, leaving out the insides of LoRA layers already there."""
-    out: dict[str, nn.Module] = {}
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if _is_adapted(module):
-            inside.append(name)
-        out[name] = module
-    return out
-
-
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: layer}`` for every LoRA layer in ``model`` (the course's, or a learner's with ``lora_A``)."""
-    return {name: m for name, m in _plain_modules(model).items() if name and _is_adapted(m)}
-
-
-def _matches(name: str, targets: list[str]) -> bool:
-    # PEFT's rule for a list of targets: the exact name, or a name ending in "." + target.
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return {name: m for name, m in plain_modules(model).items() if name and is_adapted(m)}
 
 
 def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, *,
@@ -372,26 +369,26 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
     Other parameters keep their ``requires_grad``: call ``mark_only_lora_as_trainable``
     to freeze them.
     """
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    modules = _plain_modules(model)
-    chosen = [name for name in modules if name and _matches(name, targets)]
+    targets = as_targets(target_modules)
+    modules = plain_modules(model)
+    chosen = [name for name in modules if name and matches_target(name, targets)]
     if not chosen:
         names = sorted({name.rpartition(".")[2] for name, m in modules.items()
-                        if name and _lora_class_for(m) and not _is_adapted(m)})
+                        if name and lora_class_for(m) and not is_adapted(m)})
         raise ValueError(f"No module matches target_modules={targets}. Modules that LoRA can "
                          f"target here (nn.Linear, nn.Embedding, nn.Conv2d): {', '.join(names) or 'none'}.")
     for name in chosen:  # check them all before changing anything
-        if _is_adapted(modules[name]):
+        if is_adapted(modules[name]):
             raise ValueError(f"{name} already has LoRA; inject LoRA into a module once.")
-        if _lora_class_for(modules[name]) is None:
+        if lora_class_for(modules[name]) is None:
             raise TypeError(f"{name} is a {type(modules[name]).__name__}; LoRA here wraps nn.Linear, "
                             "nn.Embedding or nn.Conv2d. Target a more specific name.")
-        if options and _lora_class_for(modules[name]) is not LoRALinear:
+        if options and lora_class_for(modules[name]) is not LoRALinear:
             raise TypeError(f"{name} is an {type(modules[name]).__name__}: the options {sorted(options)} "
                             "are for the nn.Linear layer class only. Target nn.Linear modules only.")
     new = {}
     for name in chosen:  # build every layer before swapping any in, so a failure changes nothing
-        lora_class = _lora_class_for(modules[name])
+        lora_class = lora_class_for(modules[name])
         if lora_class is LoRAEmbedding:
             new[name] = LoRAEmbedding(modules[name], r, alpha)
         elif lora_class is LoRALinear:
@@ -399,7 +396,7 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
         else:
             new[name] = lora_class(modules[name], r, alpha, dropout=dropout)
     for name, module in new.items():
-        _replace(model, name, module)
+        replace_module(model, name, module)
     return model
 
 
@@ -435,7 +432,3 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     return {k: v for k, v in model.state_dict().items()
             if "lora_" in k or (bias == "all" and k.endswith("bias"))
             or (bias == "lora_only" and k in lora_biases)}
-
-
-# The adapter file format lives in its own module; it is part of this one's interface.
-from course.peft_format import load_peft_adapter, save_peft_adapter  # noqa: E402

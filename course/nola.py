@@ -40,7 +40,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from course.files import atomic_directory
-from course.lora import LoRALinear, _plain_modules, _replace
+from course.lora import LoRALinear
+from course.surgery import plain_modules, replace_module
 
 __all__ = [
     "GENERATOR",
@@ -437,7 +438,7 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"This adapter's basis comes from generator {config.get('generator')!r}, this course "
                          f"has {GENERATOR!r}: its coefficients would multiply other random matrices.")
     tensors = load_file(weights_path)
-    modules = _plain_modules(model)
+    modules = plain_modules(model)
     was_trainable = {p: p.requires_grad for p in model.parameters()}
     new = {}
     try:
@@ -465,5 +466,5 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
             p.requires_grad_(flag)
         raise
     for name, layer in new.items():
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     return model

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from course.lora import LoRALayer, LoRALinear, lora_layers
+from course.peft_format import register_variant
+from course.surgery import replace_module
 
 __all__ = ["OLoRALinear", "olora_init", "olora_to_lora", "to_lora"]
 
@@ -119,6 +121,9 @@ class OLoRALinear(LoRALinear):
         self.register_buffer("initial_B", B.detach().clone().to(**like))
 
 
+register_variant(OLoRALinear)  # load_peft_adapter reads init_lora_weights="olora" adapters into it
+
+
 def _olora_layers(model: nn.Module) -> dict[str, OLoRALinear]:
     layers = {name: m for name, m in lora_layers(model).items() if isinstance(m, OLoRALinear)}
     if not layers:
@@ -184,6 +189,5 @@ def to_lora(model: nn.Module, base: nn.Module) -> nn.Module:
         with torch.no_grad():
             plain.lora_A.weight.copy_(A)
             plain.lora_B.weight.copy_(B)
-        parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent) if parent else base, child, plain)
+        replace_module(base, name, plain)
     return base

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course.check.core import Failure, check, expect
+from course.surgery import matches_target
 
 R, ALPHA = 3, 6.0  # scaling alpha / r = 2, unlike alpha (6) or alpha / sqrt(r) (3.46)
 SCALING = ALPHA / R
@@ -417,7 +418,7 @@ def _judge_injection(answer, label, model, targets, x) -> None:
     with torch.no_grad():
         before = model(x)
     linear = {n for n, m in originals.items() if n and isinstance(m, nn.Linear)}
-    want = {n for n in linear if n.rpartition(".")[2] in targets}
+    want = {n for n in linear if matches_target(n, targets)}  # PEFT's rule; the last name part, for plain names
     made: list = []
     spy = _spy_layer(made)
     got_model = answer(model, list(targets), INJECT_R, INJECT_ALPHA, layer=spy)
