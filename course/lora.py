@@ -20,6 +20,10 @@ small subclasses of ``LoRALinear`` that override a hook rather than copy the cla
 Adapters move to and from PEFT's file format with ``save_peft_adapter`` and
 ``load_peft_adapter`` (``course.peft_format``).
 
+Every layer class takes ``(base, r, alpha)`` positionally and its other options by keyword
+only (``LoRALinear(base, 8, 16, dropout=0.1)``), so that an option can never land in the
+wrong slot.
+
 Precision: over a float16 or bfloat16 base the factors are kept in float32, as PEFT
 keeps them; the input is cast to the factors' dtype, the LoRA branch is added to the
 base output in float32 and the sum is cast back, in PEFT's order of operations.
@@ -158,8 +162,8 @@ class LoRALinear(LoRALayer):
     ``adapt(x, result)`` turns the base output into the adapted output.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
+                 merge_on_eval: bool = False, rslora: bool = False):
         super().__init__(base, nn.Linear, r, alpha, dropout, merge_on_eval, rslora)
         if r > min(base.in_features, base.out_features):
             raise ValueError(
@@ -219,8 +223,8 @@ class LoRAEmbedding(LoRALayer):
     Like PEFT, no dropout: dropping entries of a one-hot input makes little sense.
     """
 
-    def __init__(self, base: nn.Embedding, r: int, alpha: float, merge_on_eval: bool = False,
-                 *, rslora: bool = False):
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, *, merge_on_eval: bool = False,
+                 rslora: bool = False):
         super().__init__(base, nn.Embedding, r, alpha, 0.0, merge_on_eval, rslora)
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, **self._like()))
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, **self._like()))
@@ -253,8 +257,8 @@ class LoRAConv2d(LoRALayer):
     ``groups == 1`` is supported.
     """
 
-    def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0,
-                 merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Conv2d, r: int, alpha: float, *, dropout: float = 0.0,
+                 merge_on_eval: bool = False, rslora: bool = False):
         super().__init__(base, nn.Conv2d, r, alpha, dropout, merge_on_eval, rslora)
         if base.groups != 1:
             raise ValueError(f"LoRAConv2d supports groups=1 only, this convolution has groups={base.groups}.")
@@ -293,8 +297,8 @@ class MergedLoRALinear(LoRALayer):
     LoRA; ``lora_B`` holds the B_i as one (n, out / parts, r) tensor.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, enable_lora: list[bool],
-                 dropout: float = 0.0, merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, enable_lora: list[bool],
+                 dropout: float = 0.0, merge_on_eval: bool = False, rslora: bool = False):
         super().__init__(base, nn.Linear, r, alpha, dropout, merge_on_eval, rslora)
         parts = len(enable_lora)
         if parts == 0 or base.out_features % parts:

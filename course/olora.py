@@ -99,10 +99,10 @@ class OLoRALinear(LoRALinear):
     peft_flags = {"init_lora_weights": "olora"}
     changes_base_weight = True  # load_peft_adapter puts the weights back if loading fails
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
+                 merge_on_eval: bool = False, rslora: bool = False):
         try:
-            super().__init__(base, r, alpha, dropout, merge_on_eval, rslora=rslora)
+            super().__init__(base, r, alpha, dropout=dropout, merge_on_eval=merge_on_eval, rslora=rslora)
         except ValueError as exc:
             raise ValueError(f"{exc} Note that OLoRA changes the base weight of every layer it is built on: "
                              "after a failed inject_lora, load the base model again.") from None
