@@ -10,10 +10,12 @@ embeddings, plus whatever a variant adds (DoRA's ``lora_magnitude_vector``).
 ``peft.PeftModel.from_pretrained`` loads them; ``load_peft_adapter`` reads what PEFT
 wrote into the course's layers. Both are re-exported by ``course.lora``.
 
-A layer class tells this module how it appears on disk through two optional members:
-``peft_state()`` (suffix -> the live tensor, used to save and to load) and
-``peft_flags`` (config entries such as ``{"use_dora": True}``). Safetensors only:
-a pickled ``adapter_model.bin`` is never loaded.
+A layer class tells this module how it appears on disk: ``peft_state()`` (suffix -> the
+live tensor, used to save and to load; a module with it is a layer this format writes),
+optionally ``peft_flags`` (config entries such as ``{"use_dora": True}``), and, to be read
+back, ``register_layer`` (the class for a kind of module) or ``register_variant`` (the class
+a config's flags ask for). So this module imports no method; the methods import it.
+Safetensors only: a pickled ``adapter_model.bin`` is never loaded.
 """
 
 from __future__ import annotations
