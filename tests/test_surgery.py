@@ -109,3 +109,36 @@ def test_finetune_resolves_dotted_targets_to_exactly_what_peft_adapts(smollm2_sh
     # all-linear: PEFT's rule too (every linear layer but the output layer)
     everything = adapter_config(parser().parse_args(["--lora_r", "2"]), smollm2_shaped)
     assert set(_targeted_linears(smollm2_shaped, "all-linear")) == _peft_adapted(smollm2_shaped, everything.target_modules)
+
+
+LOAD_WITH_LORA_ONLY = """
+import sys, torch
+from torch import nn
+from course.lora import load_peft_adapter
+assert "course.dora" not in sys.modules and "course.olora" not in sys.modules
+torch.manual_seed(0)
+model = load_peft_adapter(nn.Sequential(nn.Linear(6, 5)), sys.argv[1])
+print(type(model[0]).__name__)
+"""
+
+
+@pytest.mark.parametrize(("variant", "expected"), [("course.dora:DoRALinear", "DoRALinear"),
+                                                    ("course.olora:OLoRALinear", "OLoRALinear")])
+def test_an_adapter_of_a_variant_loads_with_only_course_lora_imported(variant, expected, tmp_path):
+    """The file format imports no method: the variant's module registers its class when an adapter needs it."""
+    import importlib
+    import subprocess
+    import sys
+
+    from course.lora import save_peft_adapter
+
+    module, _, name = variant.partition(":")
+    layer_class = getattr(importlib.import_module(module), name)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    model[0] = layer_class(model[0], 2, 4.0)
+    save_peft_adapter(model, tmp_path / "adapter")
+    result = subprocess.run([sys.executable, "-c", LOAD_WITH_LORA_ONLY, str(tmp_path / "adapter")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == expected
