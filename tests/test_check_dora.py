@@ -245,6 +245,16 @@ def test_stubs_are_not_attempted_or_named():
     assert result.status == "failed" and "unmerged_weight" in result.message
 
 
+def test_an_option_passed_to_the_library_class_by_position_is_named():
+    class Positional(DoRALinear):
+        def __init__(self, base, r, alpha, dropout=0.0):
+            super().__init__(base, r, alpha, dropout)  # the library's options are keyword-only
+
+    result = check.dora_linear.run(Positional)
+    assert result.status == "failed"
+    assert "super().__init__(base, r, alpha, dropout=dropout)" in result.message, result.message
+
+
 def test_check_leaves_the_global_random_state_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
