@@ -16,13 +16,14 @@ KEY   := $(shell cat pyproject.toml constraints.txt 2>/dev/null | { cat; echo "$
 STAMP := $(VENV)/.installed-$(KEY)
 PIP   := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup lab test run notebooks site clean-venv help
+.PHONY: setup lab test run gpu-check notebooks site clean-venv help
 
 help:
 	@echo "make lab   set up .venv, prepare the base model, open JupyterLab on notebooks/"
 	@echo "make test  set up, then run the whole test suite (what CI runs)"
 	@echo "make run   set up, then execute every solution notebook and print a timing table"
 	@echo "make site  set up, then build the course website into site/_build/html (offline)"
+	@echo "make gpu-check  set up, then run every solution notebook on a CUDA device at the full budget: time and dtype per notebook"
 
 $(STAMP):
 	@echo ">> setting up $(VENV) (once; skipped while pyproject.toml, constraints.txt and TORCH_SPEC are unchanged)"
@@ -45,6 +46,10 @@ test: setup
 
 run: setup
 	$(PY) -m course notebooks run
+
+# Refuses at once without a CUDA device; the table goes to outputs/gpu-check-<time>.md (course/gpu_check.py).
+gpu-check: setup
+	$(PY) -m course gpu-check
 
 notebooks: setup
 	$(PY) -m course notebooks build

@@ -89,6 +89,10 @@ def main(argv=None) -> int:
         from course.finetune import main as finetune
 
         return finetune(argv[1:])
+    if argv[:1] == ["gpu-check"]:  # make gpu-check; its flags are its own too
+        from course.gpu_check import main as gpu_check
+
+        return gpu_check(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m course", description=__doc__)
     groups = parser.add_subparsers(dest="group", required=True)
 
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
     site.set_defaults(func=_site)
 
     groups.add_parser("finetune", help="fine-tune a model with LoRA, DoRA, OLoRA or VeRA (see finetune --help)")
+    groups.add_parser("gpu-check", help="every solution notebook on a CUDA device at the full budget, timed "
+                      "(make gpu-check; see gpu-check --help)")
 
     args = parser.parse_args(argv)
     return args.func(args)

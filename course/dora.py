@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course.lora import LoRALinear
+from course.peft_format import register_variant
 
 __all__ = ["DoRALinear", "row_norm"]
 
@@ -110,3 +111,6 @@ class DoRALinear(LoRALinear):
         """PEFT's tensor names for this layer (``course.peft_format``)."""
         A, B = self.lora_factors()
         return {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": self.lora_magnitude_vector}
+
+
+register_variant(DoRALinear)  # load_peft_adapter reads use_dora=True adapters into DoRALinear

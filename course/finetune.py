@@ -166,7 +166,11 @@ def load_model(o, device: torch.device):
 
 
 def _targeted_linears(model, targets) -> dict[str, torch.nn.Module]:
+    """The linear layers PEFT adapts for ``targets``: names by ``course.surgery.matches_target``
+    (``q_proj`` or ``self_attn.q_proj``), or every linear layer but ``lm_head`` for ``"all-linear"``."""
     from torch import nn
+
+    from course.surgery import matches_target
 
     linear_types = (nn.Linear,)
     try:
@@ -179,8 +183,11 @@ def _targeted_linears(model, targets) -> dict[str, torch.nn.Module]:
     for name, module in model.named_modules():
         if not isinstance(module, linear_types):
             continue
-        last = name.rpartition(".")[2]
-        if (targets == "all-linear" and last != "lm_head") or (targets != "all-linear" and last in targets):
+        if targets == "all-linear":  # PEFT's all-linear: every linear layer but the output layer
+            wanted = name.rpartition(".")[2] != "lm_head"
+        else:
+            wanted = matches_target(name, targets)
+        if wanted:
             found[name] = module
     return found
 
@@ -195,7 +202,8 @@ def adapter_config(o, model):
     if not found:
         names = sorted({n.rpartition(".")[2] for n in _targeted_linears(model, "all-linear")})
         raise UsageError(f"--lora_target_modules {o.lora_target_modules!r} matches no linear layer of this model; "
-                         f"its linear layers are called: {', '.join(names)}.")
+                         f"its linear layers are called: {', '.join(names)} (give names, or dotted ends of "
+                         "names such as self_attn.q_proj, comma-separated).")
     if o.method != "vera":
         for name, module in found.items():
             smallest = min(module.in_features, module.out_features)

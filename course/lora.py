@@ -20,6 +20,10 @@ small subclasses of ``LoRALinear`` that override a hook rather than copy the cla
 Adapters move to and from PEFT's file format with ``save_peft_adapter`` and
 ``load_peft_adapter`` (``course.peft_format``).
 
+Every layer class takes ``(base, r, alpha)`` positionally and its other options by keyword
+only (``LoRALinear(base, 8, 16, dropout=0.1)``), so that an option can never land in the
+wrong slot.
+
 Precision: over a float16 or bfloat16 base the factors are kept in float32, as PEFT
 keeps them; the input is cast to the factors' dtype, the LoRA branch is added to the
 base output in float32 and the sum is cast back, in PEFT's order of operations.
@@ -33,6 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course import peft_format  # the file format: part of this interface
+from course.peft_format import load_peft_adapter, save_peft_adapter
+from course.surgery import as_targets, is_adapted, matches_target, plain_modules, replace_module
+
 __all__ = [
     "LoRALayer",
     "LoRALinear",
@@ -41,6 +49,8 @@ __all__ = [
     "MergedLoRALinear",
     "adapter_dtype",
     "inject_lora",
+    "lora_class_for",
+    "matches_target",
     "lora_layers",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
@@ -152,8 +162,8 @@ class LoRALinear(LoRALayer):
     ``adapt(x, result)`` turns the base output into the adapted output.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
+                 merge_on_eval: bool = False, rslora: bool = False):
         super().__init__(base, nn.Linear, r, alpha, dropout, merge_on_eval, rslora)
         if r > min(base.in_features, base.out_features):
             raise ValueError(
@@ -194,6 +204,10 @@ class LoRALinear(LoRALayer):
         A, B = self.lora_factors()
         return (B @ A) * self.scaling
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's tensor names for this layer, suffix -> the live tensor (``course.peft_format``)."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
 
 class LoRAEmbedding(LoRALayer):
     """LoRA on a frozen ``nn.Embedding`` (notebook 02), with PEFT's conventions.
@@ -209,8 +223,8 @@ class LoRAEmbedding(LoRALayer):
     Like PEFT, no dropout: dropping entries of a one-hot input makes little sense.
     """
 
-    def __init__(self, base: nn.Embedding, r: int, alpha: float, merge_on_eval: bool = False,
-                 *, rslora: bool = False):
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, *, merge_on_eval: bool = False,
+                 rslora: bool = False):
         super().__init__(base, nn.Embedding, r, alpha, 0.0, merge_on_eval, rslora)
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, **self._like()))
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, **self._like()))
@@ -228,6 +242,10 @@ class LoRAEmbedding(LoRALayer):
         # (num_embeddings, dim), the shape of the embedding weight: the transpose of B A.
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's tensor names for an embedding's factors (``course.peft_format``)."""
+        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
+
 
 class LoRAConv2d(LoRALayer):
     """LoRA on a frozen ``nn.Conv2d`` (notebook 02), shaped as PEFT does it.
@@ -239,8 +257,8 @@ class LoRAConv2d(LoRALayer):
     ``groups == 1`` is supported.
     """
 
-    def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0,
-                 merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Conv2d, r: int, alpha: float, *, dropout: float = 0.0,
+                 merge_on_eval: bool = False, rslora: bool = False):
         super().__init__(base, nn.Conv2d, r, alpha, dropout, merge_on_eval, rslora)
         if base.groups != 1:
             raise ValueError(f"LoRAConv2d supports groups=1 only, this convolution has groups={base.groups}.")
@@ -263,6 +281,10 @@ class LoRAConv2d(LoRALayer):
         B = self.lora_B.weight[:, :, 0, 0]
         return torch.einsum("or,rikl->oikl", B, self.lora_A.weight) * self.scaling
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's tensor names for this layer (``course.peft_format``): as for ``LoRALinear``."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
 
 class MergedLoRALinear(LoRALayer):
     """LoRA on a fused projection such as ``qkv = nn.Linear(d, 3 * d)`` (notebook 02).
@@ -275,8 +297,8 @@ class MergedLoRALinear(LoRALayer):
     LoRA; ``lora_B`` holds the B_i as one (n, out / parts, r) tensor.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, enable_lora: list[bool],
-                 dropout: float = 0.0, merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, enable_lora: list[bool],
+                 dropout: float = 0.0, merge_on_eval: bool = False, rslora: bool = False):
         super().__init__(base, nn.Linear, r, alpha, dropout, merge_on_eval, rslora)
         parts = len(enable_lora)
         if parts == 0 or base.out_features % parts:
@@ -311,52 +333,31 @@ class MergedLoRALinear(LoRALayer):
             delta[i * self.part_size:(i + 1) * self.part_size] = per_part[n]
         return delta
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        raise ValueError("A MergedLoRALinear cannot be saved as a PEFT adapter: PEFT has no fused layer. "
+                         "Use separate q/k/v projections with LoRALinear.")
+
 
 # ---------------------------------------------------------------------------
 # Putting LoRA into a model
 # ---------------------------------------------------------------------------
 
 _LORA_FOR = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
+for _base_type, _lora_class in _LORA_FOR.items():  # what load_peft_adapter builds for each kind of module
+    peft_format.register_layer(_base_type, _lora_class)
 
 
-def _lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+    """The course's LoRA class for a module (``LoRALinear`` for an ``nn.Linear``, ...), None if there is none."""
     for base_type, lora_class in _LORA_FOR.items():
         if isinstance(module, base_type):
             return lora_class
     return None
 
 
-def _is_adapted(module: nn.Module) -> bool:
-    """A LoRA layer of the course's, or a learner's own layer of the same shape (it has ``lora_A``)."""
-    return isinstance(module, LoRALayer) or hasattr(module, "lora_A")
-
-
-def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules, leaving out the insides of LoRA layers already there."""
-    out: dict[str, nn.Module] = {}
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if _is_adapted(module):
-            inside.append(name)
-        out[name] = module
-    return out
-
-
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: layer}`` for every LoRA layer in ``model`` (the course's, or a learner's with ``lora_A``)."""
-    return {name: m for name, m in _plain_modules(model).items() if name and _is_adapted(m)}
-
-
-def _matches(name: str, targets: list[str]) -> bool:
-    # PEFT's rule for a list of targets: the exact name, or a name ending in "." + target.
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return {name: m for name, m in plain_modules(model).items() if name and is_adapted(m)}
 
 
 def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, *,
@@ -372,26 +373,26 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
     Other parameters keep their ``requires_grad``: call ``mark_only_lora_as_trainable``
     to freeze them.
     """
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    modules = _plain_modules(model)
-    chosen = [name for name in modules if name and _matches(name, targets)]
+    targets = as_targets(target_modules)
+    modules = plain_modules(model)
+    chosen = [name for name in modules if name and matches_target(name, targets)]
     if not chosen:
         names = sorted({name.rpartition(".")[2] for name, m in modules.items()
-                        if name and _lora_class_for(m) and not _is_adapted(m)})
+                        if name and lora_class_for(m) and not is_adapted(m)})
         raise ValueError(f"No module matches target_modules={targets}. Modules that LoRA can "
                          f"target here (nn.Linear, nn.Embedding, nn.Conv2d): {', '.join(names) or 'none'}.")
     for name in chosen:  # check them all before changing anything
-        if _is_adapted(modules[name]):
+        if is_adapted(modules[name]):
             raise ValueError(f"{name} already has LoRA; inject LoRA into a module once.")
-        if _lora_class_for(modules[name]) is None:
+        if lora_class_for(modules[name]) is None:
             raise TypeError(f"{name} is a {type(modules[name]).__name__}; LoRA here wraps nn.Linear, "
                             "nn.Embedding or nn.Conv2d. Target a more specific name.")
-        if options and _lora_class_for(modules[name]) is not LoRALinear:
+        if options and lora_class_for(modules[name]) is not LoRALinear:
             raise TypeError(f"{name} is an {type(modules[name]).__name__}: the options {sorted(options)} "
                             "are for the nn.Linear layer class only. Target nn.Linear modules only.")
     new = {}
     for name in chosen:  # build every layer before swapping any in, so a failure changes nothing
-        lora_class = _lora_class_for(modules[name])
+        lora_class = lora_class_for(modules[name])
         if lora_class is LoRAEmbedding:
             new[name] = LoRAEmbedding(modules[name], r, alpha)
         elif lora_class is LoRALinear:
@@ -399,7 +400,7 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
         else:
             new[name] = lora_class(modules[name], r, alpha, dropout=dropout)
     for name, module in new.items():
-        _replace(model, name, module)
+        replace_module(model, name, module)
     return model
 
 
@@ -435,7 +436,3 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     return {k: v for k, v in model.state_dict().items()
             if "lora_" in k or (bias == "all" and k.endswith("bias"))
             or (bias == "lora_only" and k in lora_biases)}
-
-
-# The adapter file format lives in its own module; it is part of this one's interface.
-from course.peft_format import load_peft_adapter, save_peft_adapter  # noqa: E402

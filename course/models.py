@@ -204,7 +204,13 @@ def prepare_embedded(progress: bool = True) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
+    import importlib.util
+
     from tqdm.auto import tqdm
+
+    if importlib.util.find_spec("gguf") is None:  # the "offline" extra: Colab reads the hub instead
+        raise ModelNotFoundError("Reading the embedded model needs the gguf package, which is not installed: "
+                                 "pip install 'gguf>=0.10' (the course's `offline` extra; `make lab` installs it).")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     steps = ["read tokenizer", "de-quantise weights", "write safetensors"]

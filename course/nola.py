@@ -40,7 +40,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from course.files import atomic_directory
-from course.lora import LoRALinear, _plain_modules, _replace
+from course.lora import LoRALinear
+from course.surgery import plain_modules, replace_module
 
 __all__ = [
     "GENERATOR",
@@ -287,8 +288,8 @@ class NOLALoRALinear(LoRALinear):
     coefficients change.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, num_basis_A: int, num_basis_B: int, seed: int,
-                 dropout: float = 0.0, merge_on_eval: bool = False, *, rslora: bool = False,
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, num_basis_A: int, num_basis_B: int, seed: int,
+                 dropout: float = 0.0, merge_on_eval: bool = False, rslora: bool = False,
                  chunk_size: int | None = None):
         for name, value in (("num_basis_A", num_basis_A), ("num_basis_B", num_basis_B)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -299,7 +300,7 @@ class NOLALoRALinear(LoRALinear):
         self.num_basis_A, self.num_basis_B, self.seed, self.chunk_size = num_basis_A, num_basis_B, seed, chunk_size
         self.seed_A, self.seed_B = derive_seed(seed, "lora_A"), derive_seed(seed, "lora_B")
         self._cache = None
-        super().__init__(base, r, alpha, dropout, merge_on_eval, rslora=rslora)
+        super().__init__(base, r, alpha, dropout=dropout, merge_on_eval=merge_on_eval, rslora=rslora)
         _check_shape(num_basis_A, r, base.in_features, self.seed_A)  # a basis too large for the generator
         _check_shape(num_basis_B, base.out_features, r, self.seed_B)
 
@@ -356,7 +357,7 @@ def nola_layer(model: nn.Module, seed: int):
     """
     names = {id(module): name for name, module in model.named_modules()}
 
-    def make(base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, **options) -> NOLALoRALinear:
+    def make(base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, **options) -> NOLALoRALinear:
         if id(base) not in names:
             raise ValueError("This layer is not in the model nola_layer was made for: call nola_layer(model, seed) "
                              "with the model you inject into.")
@@ -437,7 +438,7 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"This adapter's basis comes from generator {config.get('generator')!r}, this course "
                          f"has {GENERATOR!r}: its coefficients would multiply other random matrices.")
     tensors = load_file(weights_path)
-    modules = _plain_modules(model)
+    modules = plain_modules(model)
     was_trainable = {p: p.requires_grad for p in model.parameters()}
     new = {}
     try:
@@ -450,8 +451,9 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
             if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
                 raise ValueError(f"{name} is {base.in_features} -> {base.out_features} here but "
                                  f"{spec['in_features']} -> {spec['out_features']} in the adapter: another base model.")
-            layer = NOLALoRALinear(base, spec["r"], spec["alpha"], spec["num_basis_A"], spec["num_basis_B"],
-                                   spec["seed"], dropout=spec.get("dropout", 0.0), rslora=spec.get("rslora", False))
+            layer = NOLALoRALinear(base, spec["r"], spec["alpha"], num_basis_A=spec["num_basis_A"],
+                                   num_basis_B=spec["num_basis_B"], seed=spec["seed"],
+                                   dropout=spec.get("dropout", 0.0), rslora=spec.get("rslora", False))
             with torch.no_grad():
                 for part in ("lora_A_coefficients", "lora_B_coefficients"):
                     saved, own = tensors[f"{name}.{part}"], getattr(layer, part)
@@ -465,5 +467,5 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
             p.requires_grad_(flag)
         raise
     for name, layer in new.items():
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     return model

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from course.lora import LoRALayer, LoRALinear, lora_layers
+from course.peft_format import register_variant
+from course.surgery import replace_module
 
 __all__ = ["OLoRALinear", "olora_init", "olora_to_lora", "to_lora"]
 
@@ -97,10 +99,10 @@ class OLoRALinear(LoRALinear):
     peft_flags = {"init_lora_weights": "olora"}
     changes_base_weight = True  # load_peft_adapter puts the weights back if loading fails
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 merge_on_eval: bool = False, *, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
+                 merge_on_eval: bool = False, rslora: bool = False):
         try:
-            super().__init__(base, r, alpha, dropout, merge_on_eval, rslora=rslora)
+            super().__init__(base, r, alpha, dropout=dropout, merge_on_eval=merge_on_eval, rslora=rslora)
         except ValueError as exc:
             raise ValueError(f"{exc} Note that OLoRA changes the base weight of every layer it is built on: "
                              "after a failed inject_lora, load the base model again.") from None
@@ -117,6 +119,9 @@ class OLoRALinear(LoRALinear):
             base.weight.copy_(residual)  # OLoRA changes the base weight: W -> W - s B0 A0
         self.register_buffer("initial_A", A.detach().clone().to(**like))
         self.register_buffer("initial_B", B.detach().clone().to(**like))
+
+
+register_variant(OLoRALinear)  # load_peft_adapter reads init_lora_weights="olora" adapters into it
 
 
 def _olora_layers(model: nn.Module) -> dict[str, OLoRALinear]:
@@ -184,6 +189,5 @@ def to_lora(model: nn.Module, base: nn.Module) -> nn.Module:
         with torch.no_grad():
             plain.lora_A.weight.copy_(A)
             plain.lora_B.weight.copy_(B)
-        parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent) if parent else base, child, plain)
+        replace_module(base, name, plain)
     return base

@@ -10,14 +10,17 @@ embeddings, plus whatever a variant adds (DoRA's ``lora_magnitude_vector``).
 ``peft.PeftModel.from_pretrained`` loads them; ``load_peft_adapter`` reads what PEFT
 wrote into the course's layers. Both are re-exported by ``course.lora``.
 
-A layer class tells this module how it appears on disk through two optional members:
-``peft_state()`` (suffix -> the live tensor, used to save and to load) and
-``peft_flags`` (config entries such as ``{"use_dora": True}``). Safetensors only:
-a pickled ``adapter_model.bin`` is never loaded.
+A layer class tells this module how it appears on disk: ``peft_state()`` (suffix -> the
+live tensor, used to save and to load; a module with it is a layer this format writes),
+optionally ``peft_flags`` (config entries such as ``{"use_dora": True}``), and, to be read
+back, ``register_layer`` (the class for a kind of module) or ``register_variant`` (the class
+a config's flags ask for). So this module imports no method; the methods import it.
+Safetensors only: a pickled ``adapter_model.bin`` is never loaded.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections import Counter
@@ -28,46 +31,66 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from course.files import atomic_directory
-from course.lora import (
-    LoRAEmbedding,
-    LoRALayer,
-    LoRALinear,
-    MergedLoRALinear,
-    _lora_class_for,
-    _matches,
-    _plain_modules,
-    _replace,
-)
+from course.surgery import is_adapted, matches_target, plain_modules, replace_module
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PEFT's prefix for the wrapped model's module names
 
 
-def peft_state(layer: LoRALayer) -> dict[str, torch.Tensor]:
-    """Suffix -> the layer's own tensor, under PEFT's names (shared, not copies)."""
-    own = getattr(layer, "peft_state", None)
-    if callable(own):
-        return own()
-    if isinstance(layer, MergedLoRALinear):
-        raise ValueError("A MergedLoRALinear cannot be saved as a PEFT adapter: PEFT has no fused layer. "
-                         "Use separate q/k/v projections with LoRALinear.")
-    if isinstance(layer, LoRAEmbedding):
-        return {"lora_embedding_A": layer.lora_embedding_A, "lora_embedding_B": layer.lora_embedding_B}
-    return {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
+# The format imports no method: each layer class registers what it wraps (``register_layer``) or
+# which PEFT config it stands for (``register_variant``) when its module is imported. These are
+# the modules that do so, imported by name only when an adapter is read.
+_LAYER_MODULES = ("course.lora", "course.dora", "course.olora")
+_LAYER_FOR: dict[type, type] = {}  # nn.Linear -> LoRALinear, ...
+_VARIANTS: list[type] = []  # Linear classes with ``peft_flags``: DoRALinear, OLoRALinear
 
 
-def _linear_class(config: dict) -> type[LoRALinear]:
+def register_layer(base_type: type, layer_class: type) -> type:
+    """Read adapters for modules of ``base_type`` into ``layer_class`` (``nn.Linear`` -> ``LoRALinear``)."""
+    _LAYER_FOR[base_type] = layer_class
+    return layer_class
+
+
+def register_variant(layer_class: type) -> type:
+    """Read a Linear target into ``layer_class`` when the config holds its ``peft_flags`` (DoRA, OLoRA)."""
+    if layer_class not in _VARIANTS:
+        _VARIANTS.append(layer_class)
+    return layer_class
+
+
+def _load_layer_modules() -> None:
+    for module in _LAYER_MODULES:
+        importlib.import_module(module)
+
+
+def _layer_class_for(module: nn.Module) -> type | None:
+    for base_type, layer_class in _LAYER_FOR.items():
+        if isinstance(module, base_type):
+            return layer_class
+    return None
+
+
+def is_peft_layer(module: nn.Module) -> bool:
+    """A layer this format can write: it says how with a ``peft_state()`` method."""
+    return callable(getattr(module, "peft_state", None))
+
+
+def peft_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Suffix -> the layer's own tensor, under PEFT's names (shared, not copies): ``layer.peft_state()``."""
+    return layer.peft_state()
+
+
+def _flag_matches(value, wanted) -> bool:
+    return str(value).lower() == str(wanted).lower() if isinstance(wanted, str) else value == wanted
+
+
+def _linear_class(config: dict) -> type:
     """The course class for a Linear target of this config (``use_dora`` -> ``DoRALinear``,
-    ``init_lora_weights="olora"`` -> ``OLoRALinear``)."""
-    if config.get("use_dora"):
-        from course.dora import DoRALinear
-
-        return DoRALinear
-    if str(config.get("init_lora_weights")).lower() == "olora":  # as PEFT: redo the QR, change the base
-        from course.olora import OLoRALinear
-
-        return OLoRALinear
-    return LoRALinear
+    ``init_lora_weights="olora"`` -> ``OLoRALinear``; as PEFT, OLoRA redoes the QR and changes the base)."""
+    for variant in _VARIANTS:
+        if all(_flag_matches(config.get(key), value) for key, value in variant.peft_flags.items()):
+            return variant
+    return _LAYER_FOR[nn.Linear]
 
 
 def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | None = None,
@@ -81,7 +104,7 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
     to ``directory`` and moved into place, so a reader never sees half an adapter;
     other files already in ``directory`` (a README, say) are kept. Returns the directory.
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    layers = {name: m for name, m in model.named_modules() if is_peft_layer(m)}
     if not layers:
         raise ValueError("The model has no LoRA layers: call inject_lora first.")
     if len({m.rslora for m in layers.values()}) > 1:
@@ -101,9 +124,9 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
             tensors[f"{_PREFIX}{name}.{suffix}"] = tensor.detach().contiguous()
 
     # Short target names ("q_proj") when they pick out exactly these layers, full names otherwise.
-    plain = _plain_modules(model)
+    plain = plain_modules(model)
     short = sorted({name.rpartition(".")[2] for name in layers})
-    if {n for n in plain if n and _matches(n, short)} != set(layers):
+    if {n for n in plain if n and matches_target(n, short)} != set(layers):
         short = sorted(layers)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -189,7 +212,8 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
         name = key[: match.start()].removeprefix(_PREFIX)
         groups.setdefault(name, {})[match.group(1)] = tensor
 
-    modules = _plain_modules(model)
+    _load_layer_modules()
+    modules = plain_modules(model)
     was_trainable = {p: p.requires_grad for p in model.parameters()}
     # OLoRA layers change their base weight when built: keep the originals to put back on failure.
     originals = ({name: modules[name].weight.detach().clone() for name in groups
@@ -207,7 +231,7 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
                 modules[name].weight.copy_(weight)
         raise
     for name, layer in new_layers.items():  # everything fitted: now change the model
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     return model
 
 
@@ -219,12 +243,12 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dict, made_for: str) -> LoRALayer:
+def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dict, made_for: str) -> nn.Module:
     if base is None:
         raise ValueError(f"The adapter has weights for {name!r}, which this model does not have: "
                          f"the adapter was made for another model ({made_for}).")
-    lora_class = _lora_class_for(base)
-    if lora_class is None or isinstance(base, LoRALayer):
+    lora_class = _layer_class_for(base)
+    if lora_class is None or is_adapted(base):
         raise ValueError(f"{name} is a {type(base).__name__}, which cannot take this LoRA adapter.")
     A = state.get("lora_A.weight", state.get("lora_embedding_A"))
     if A is None:
@@ -232,12 +256,12 @@ def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dic
     r = A.shape[0]  # from A: honours rank_pattern
     alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
     options = {"rslora": bool(config.get("use_rslora"))}
-    if lora_class is LoRALinear:
+    if lora_class is _LAYER_FOR.get(nn.Linear):
         lora_class = _linear_class(config)
     elif config.get("use_dora"):
         raise ValueError(f"This DoRA adapter puts DoRA on {name}, a {type(base).__name__}; the course's "
                          "DoRALinear handles nn.Linear layers only. Load it with peft.PeftModel.from_pretrained.")
-    if lora_class is not LoRAEmbedding:
+    if not isinstance(base, nn.Embedding):  # PEFT's embedding layers have no dropout
         options["dropout"] = float(config.get("lora_dropout") or 0.0)
     try:
         layer = lora_class(base, r, alpha, **options)
@@ -260,4 +284,5 @@ def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dic
     return layer
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "peft_state", "save_peft_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_layer", "load_peft_adapter", "peft_state", "register_layer",
+           "register_variant", "save_peft_adapter"]

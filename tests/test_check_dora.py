@@ -72,7 +72,7 @@ class WholeWeight(LoRALinear):
     """On the course's LoRALinear, but building the whole DoRA weight in every forward."""
 
     def __init__(self, base, r, alpha, dropout=0.0):
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout=dropout)
         self.lora_magnitude_vector = nn.Parameter(torch.linalg.norm(base.weight.detach(), dim=-1))
 
     @property
@@ -169,7 +169,7 @@ class MergeLikeLoRA(Scratch):
 
 class MagnitudeFrozen(Scratch):
     def __init__(self, base, r, alpha, dropout=0.0):
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout=dropout)
         self.magnitude.requires_grad_(False)
 
 
@@ -189,7 +189,7 @@ class SquareOnly(Scratch):
     """B made (in_features, r): right whenever the layer is square, wrong otherwise."""
 
     def __init__(self, base, r, alpha, dropout=0.0):
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout=dropout)
         self.lora_B = nn.Parameter(torch.zeros(base.in_features, r))
 
 
@@ -232,7 +232,7 @@ def test_not_a_class():
 def test_stubs_are_not_attempted_or_named():
     class Stub(LoRALinear):
         def __init__(self, base, r, alpha, dropout=0.0):
-            super().__init__(base, r, alpha, dropout)
+            super().__init__(base, r, alpha, dropout=dropout)
             raise NotImplementedError
 
     assert check.dora_linear.run(Stub).status == "not_attempted"
@@ -243,6 +243,16 @@ def test_stubs_are_not_attempted_or_named():
 
     result = check.dora_linear.run(HalfDone)
     assert result.status == "failed" and "unmerged_weight" in result.message
+
+
+def test_an_option_passed_to_the_library_class_by_position_is_named():
+    class Positional(DoRALinear):
+        def __init__(self, base, r, alpha, dropout=0.0):
+            super().__init__(base, r, alpha, dropout)  # the library's options are keyword-only
+
+    result = check.dora_linear.run(Positional)
+    assert result.status == "failed"
+    assert "super().__init__(base, r, alpha, dropout=dropout)" in result.message, result.message
 
 
 def test_check_leaves_the_global_random_state_alone():

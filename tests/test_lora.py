@@ -15,6 +15,7 @@ Tolerances (float32 throughout):
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import peft
@@ -210,8 +211,8 @@ def test_merge_on_eval_merges_and_train_unmerges():
         (lambda: LoRALinear(nn.Conv2d(3, 3, 1), 2, 1.0), TypeError, "LoRAConv2d"),
         (lambda: LoRAEmbedding(nn.Linear(3, 3), 2, 1.0), TypeError, "LoRALinear"),
         (lambda: LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), 2, 1.0), ValueError, "groups"),
-        (lambda: MergedLoRALinear(nn.Linear(4, 10), 2, 1.0, [True, False, True]), ValueError, "split evenly"),
-        (lambda: MergedLoRALinear(nn.Linear(4, 9), 2, 1.0, [False, False, False]), ValueError, "all False"),
+        (lambda: MergedLoRALinear(nn.Linear(4, 10), 2, 1.0, enable_lora=[True, False, True]), ValueError, "split evenly"),
+        (lambda: MergedLoRALinear(nn.Linear(4, 9), 2, 1.0, enable_lora=[False, False, False]), ValueError, "all False"),
     ],
 )
 def test_bad_arguments_say_what_is_wrong(make, error, phrase):
@@ -373,3 +374,27 @@ def test_a_rank_larger_than_the_layer_is_refused():
     with pytest.raises(ValueError, match="Choose a smaller r"):
         LoRALinear(nn.Linear(16, 4), r=5, alpha=10)
     LoRALinear(nn.Linear(16, 4), r=4, alpha=8)  # the largest useful rank is fine
+
+
+def _layer_classes():
+    from course.dora import DoRALinear
+    from course.nola import NOLALoRALinear
+    from course.olora import OLoRALinear
+
+    return [LoRALinear, LoRAEmbedding, LoRAConv2d, MergedLoRALinear, DoRALinear, OLoRALinear, NOLALoRALinear]
+
+
+@pytest.mark.parametrize("layer_class", _layer_classes(), ids=lambda c: c.__name__)
+def test_every_layer_class_takes_base_r_alpha_positionally_and_options_by_keyword_only(layer_class):
+    params = list(inspect.signature(layer_class).parameters.values())
+    assert [p.name for p in params[:3]] == ["base", "r", "alpha"]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[:3])
+    assert params[3:] and all(p.kind is p.KEYWORD_ONLY for p in params[3:]), params
+
+
+def test_an_option_passed_by_position_is_refused_not_put_in_another_slot():
+    with pytest.raises(TypeError, match="positional"):
+        LoRAEmbedding(nn.Embedding(10, 4), 2, 4.0, 0.1)  # once silently merge_on_eval=0.1
+    with pytest.raises(TypeError, match="positional"):
+        LoRALinear(nn.Linear(4, 4), 2, 4.0, 0.1)
+    assert LoRALinear(nn.Linear(4, 4), 2, 4.0, dropout=0.1).dropout.p == 0.1

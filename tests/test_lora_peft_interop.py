@@ -217,7 +217,7 @@ def test_what_peft_cannot_express_is_not_saved(tmp_path):
         save_peft_adapter(model, tmp_path / "a")
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_peft_adapter(_tiny_llama(), tmp_path / "b")
-    fused = nn.Sequential(MergedLoRALinear(nn.Linear(4, 12), 2, 4, [True, False, True]))
+    fused = nn.Sequential(MergedLoRALinear(nn.Linear(4, 12), 2, 4, enable_lora=[True, False, True]))
     with pytest.raises(ValueError, match="PEFT has no fused layer"):
         save_peft_adapter(fused, tmp_path / "c")
     assert not any(tmp_path.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -177,3 +178,9 @@ def test_base_model_answers_a_factual_question(base_model, tokenizer):
     from course.generate import generate
 
     assert "Paris" in generate(base_model, tokenizer, "What is the capital of France?", max_new_tokens=12)
+
+
+def test_reading_the_embedded_model_without_gguf_says_which_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: find_spec answers None
+    with pytest.raises(models.ModelNotFoundError, match=r"pip install 'gguf>=0.10' \(the course's `offline` extra"):
+        models._convert_gguf(tmp_path / "model.gguf", tmp_path / "out", False)

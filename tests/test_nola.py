@@ -196,7 +196,7 @@ R, ALPHA, K_A, K_B = 4, 8.0, 32, 48
 def _layer(n_in=12, n_out=7, seed=5, **options):
     torch.manual_seed(0)
     base = nn.Linear(n_in, n_out)
-    return base, NOLALoRALinear(copy.deepcopy(base), R, ALPHA, K_A, K_B, seed, **options)
+    return base, NOLALoRALinear(copy.deepcopy(base), R, ALPHA, num_basis_A=K_A, num_basis_B=K_B, seed=seed, **options)
 
 
 def _randomise(layer):
@@ -222,11 +222,11 @@ def test_the_initial_coefficients_come_from_the_seed_not_the_global_generator():
     base = nn.Linear(12, 7)
     torch.manual_seed(0)
     state = torch.random.get_rng_state()
-    a = NOLALoRALinear(copy.deepcopy(base), R, ALPHA, K_A, K_B, 5).lora_A_coefficients
+    a = NOLALoRALinear(copy.deepcopy(base), R, ALPHA, num_basis_A=K_A, num_basis_B=K_B, seed=5).lora_A_coefficients
     assert torch.equal(torch.random.get_rng_state(), state)  # nothing drawn from the global generator
     torch.manual_seed(1)
-    b = NOLALoRALinear(copy.deepcopy(base), R, ALPHA, K_A, K_B, 5).lora_A_coefficients
-    c = NOLALoRALinear(copy.deepcopy(base), R, ALPHA, K_A, K_B, 6).lora_A_coefficients
+    b = NOLALoRALinear(copy.deepcopy(base), R, ALPHA, num_basis_A=K_A, num_basis_B=K_B, seed=5).lora_A_coefficients
+    c = NOLALoRALinear(copy.deepcopy(base), R, ALPHA, num_basis_A=K_A, num_basis_B=K_B, seed=6).lora_A_coefficients
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -279,7 +279,7 @@ def test_the_factor_cache_follows_the_coefficients():
 def test_half_precision_base_keeps_float32_coefficients():
     torch.manual_seed(0)
     base = nn.Linear(12, 7).to(torch.bfloat16)
-    layer = NOLALoRALinear(base, R, ALPHA, K_A, K_B, 1)
+    layer = NOLALoRALinear(base, R, ALPHA, num_basis_A=K_A, num_basis_B=K_B, seed=1)
     assert layer.lora_A_coefficients.dtype == torch.float32
     out = layer(torch.randn(3, 12, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
@@ -287,9 +287,9 @@ def test_half_precision_base_keeps_float32_coefficients():
 
 def test_bad_options_say_what_to_do():
     with pytest.raises(ValueError, match="num_basis_A must be a positive int"):
-        NOLALoRALinear(nn.Linear(4, 4), 2, 4.0, 0, 8, 0)
+        NOLALoRALinear(nn.Linear(4, 4), 2, 4.0, num_basis_A=0, num_basis_B=8, seed=0)
     with pytest.raises(ValueError, match="seed must be an int"):
-        NOLALoRALinear(nn.Linear(4, 4), 2, 4.0, 8, 8, -3)
+        NOLALoRALinear(nn.Linear(4, 4), 2, 4.0, num_basis_A=8, num_basis_B=8, seed=-3)
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from course.surgery import as_targets, matches_target
+
 
 def delta_weight(peft_model, module_name: str) -> torch.Tensor:
     """``scaling * B @ A`` of the active adapter in the LoRA layer ``module_name`` (out x in).
@@ -27,12 +29,13 @@ def delta_weight(peft_model, module_name: str) -> torch.Tensor:
 def lora_parameter_count(model: nn.Module, r: int, target_modules) -> int:
     """Parameters a LoRA of rank ``r`` adds to ``model``: ``r * (in + out)`` per targeted Linear.
 
-    A module is targeted when the last part of its name is one of ``target_modules``
-    (PEFT's rule for a list of names). LoRA adds no bias.
+    A module is targeted when its name is one of ``target_modules`` or ends in ``"." + target``
+    (PEFT's rule for a list of names, ``course.surgery.matches_target``: ``"q_proj"`` and
+    ``"self_attn.q_proj"`` both pick every query projection). LoRA adds no bias.
     """
-    targets = set(target_modules)
+    targets = as_targets(target_modules)
     return sum(
         r * (module.in_features + module.out_features)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets
+        if isinstance(module, nn.Linear) and matches_target(name, targets)
     )

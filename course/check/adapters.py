@@ -14,6 +14,7 @@ from torch import nn
 from course.adapters.anatomy import delta_weight as _delta_weight_solution
 from course.adapters.anatomy import lora_parameter_count as _count_solution
 from course.check.core import Failure, check, expect
+from course.surgery import matches_target
 
 
 class _Block(nn.Module):
@@ -216,7 +217,7 @@ def _peft_count(model: nn.Module, r: int, targets) -> int:
 
 
 def _linears(model: nn.Module, targets) -> list[nn.Linear]:
-    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in set(targets)]
+    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, targets)]
 
 
 @check(

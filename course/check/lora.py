@@ -9,11 +9,14 @@ learner's global random state.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from course.check.core import Failure, check, expect
+from course.surgery import matches_target
 
 R, ALPHA = 3, 6.0  # scaling alpha / r = 2, unlike alpha (6) or alpha / sqrt(r) (3.46)
 SCALING = ALPHA / R
@@ -48,11 +51,22 @@ def _base_weight(layer, base: nn.Linear) -> torch.Tensor:
     return own[0]
 
 
+# The course's layer classes: (base, r, alpha) by position, options by keyword only (course.lora).
+_KEYWORD_ONLY = {"LoRALinear", "DoRALinear", "OLoRALinear", "NOLALoRALinear"}
+
+
 def _build(answer, shape, dropout=0.0):
     torch.manual_seed(0)
     base = nn.Linear(*shape)
     W0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
-    layer = answer(base, R, ALPHA, dropout=dropout)
+    try:
+        layer = answer(base, R, ALPHA, dropout=dropout)
+    except TypeError as exc:
+        library = re.match(r"(\w+)\.__init__\(\) takes 4 positional arguments but \d+ were given", str(exc))
+        if library and library.group(1) in _KEYWORD_ONLY:  # super().__init__(base, r, alpha, dropout)
+            raise Failure(f"{library.group(1)} takes (base, r, alpha) by position and every option by keyword "
+                          f"only: call `super().__init__(base, r, alpha, dropout=dropout)`.") from exc
+        raise
     expect(isinstance(layer, nn.Module), f"Calling your class gave a {type(layer).__name__}, not an "
            "nn.Module. Subclass nn.Module and call super().__init__() first.")
     return base, layer, W0, b0
@@ -417,7 +431,7 @@ def _judge_injection(answer, label, model, targets, x) -> None:
     with torch.no_grad():
         before = model(x)
     linear = {n for n, m in originals.items() if n and isinstance(m, nn.Linear)}
-    want = {n for n in linear if n.rpartition(".")[2] in targets}
+    want = {n for n in linear if matches_target(n, targets)}  # PEFT's rule; the last name part, for plain names
     made: list = []
     spy = _spy_layer(made)
     got_model = answer(model, list(targets), INJECT_R, INJECT_ALPHA, layer=spy)
