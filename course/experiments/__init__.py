@@ -29,7 +29,13 @@ from course.experiments.registry import (
     register,
     unregister,
 )
-from course.experiments.runner import ExperimentBusyError, RunReport, StaleResultsError, check_seeds, run
+from course.experiments.runner import (
+    ExperimentBusyError,
+    RunReport,
+    StaleResultsError,
+    check_seeds,
+    run,
+)
 from course.experiments.store import Result, StoreError, code_fingerprint
 from course.experiments.summary import Summary, describe, summarise, summarise_all
 

@@ -96,7 +96,7 @@ def lora_arm(name: str, *, budget: Budget, r: int, alpha: float, lr: float, targ
         return _train_and_score(model, seed, quick, budget, lr)
 
     settings = {"layer": layer, "r": r, "alpha": alpha, "lr": lr, **options,
-                "targets": "top half, all linear" if callable(targets) else list(targets), **_budget(budget)}
+                "targets": "top half, all linear" if callable(targets) else list(targets)}
     return Arm(name, run, settings)
 
 
@@ -113,11 +113,7 @@ def vera_arm(name: str, *, budget: Budget, r: int, lr: float, targets=QV) -> Arm
                                                                projection_prng_key=seed))
         return _train_and_score(model, seed, quick, budget, lr)
 
-    return Arm(name, run, {"layer": "vera (PEFT)", "r": r, "lr": lr, "targets": list(targets), **_budget(budget)})
-
-
-def _budget(budget: Budget) -> dict:
-    return {"steps": budget.steps, "batch_size": budget.batch_size, "eval_examples": budget.eval_examples}
+    return Arm(name, run, {"layer": "vera (PEFT)", "r": r, "lr": lr, "targets": list(targets)})
 
 
 # The notebooks' CPU budgets (course.train.default_budget: 30 steps of batch 16, lr 2e-3, 64 questions).

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from course.experiments import store
-from course.experiments.registry import get
+from course.experiments.registry import QUICK, get
 
 
 class ExperimentBusyError(RuntimeError):
@@ -126,21 +126,24 @@ def run(name, seeds: int | None = None, *, quick: bool = False, ship: bool = Fal
                 "(replace_stale=True), or keep them and write elsewhere by setting COURSE_RESULTS.")
         if todo:
             log(f"{experiment.name}: {len(todo)} run(s) to do, {len(report.reused)} reused "
-                f"({budget} budget: {'quick' if quick else experiment.budget}); writing to {target}")
+                f"({budget} budget: {QUICK if quick else experiment.budget}); writing to {target}")
         else:
             log(f"{experiment.name}: all {len(report.reused)} result(s) of seeds 0-{seeds - 1} already there "
                 f"({budget} budget)")
         provenance = _provenance()
+        used = QUICK if quick else experiment.budget
+        budget_numbers = {"steps": used.steps, "batch_size": used.batch_size, "eval_examples": used.eval_examples}
         for seed, arm in todo:
             start = time.perf_counter()
             value = arm.run(seed, quick)
             seconds = time.perf_counter() - start
+            settings = {**arm.settings, **budget_numbers}
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"arm {arm.name!r} of {experiment.name!r} returned {value!r} for seed {seed}; "
                                 "an arm returns one finite number, the metric")
             result = store.Result(experiment=experiment.name, arm=arm.name, seed=seed, metric=experiment.metric,
                                   value=float(value), budget=budget, fingerprint=fingerprint,
-                                  seconds=round(seconds, 3), date=store.now(), settings=dict(arm.settings),
+                                  seconds=round(seconds, 3), date=store.now(), settings=settings,
                                   **provenance)
             path = store.write(target, result, arm.slug)
             report.ran.append(result)
