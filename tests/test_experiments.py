@@ -247,22 +247,25 @@ def run_as_old_code(monkeypatch, *args, **kwargs):
         return experiments.run(*args, log=quiet, **kwargs)
 
 
-def test_results_of_other_code_are_reported_stale_and_not_reused(toy, folders, monkeypatch):
+def test_results_of_other_code_are_reported_stale_and_not_reused(toy, folders, monkeypatch, capsys):
     own, _ = folders
     t = toy()
-    run_as_old_code(monkeypatch, "toy", 3)
+    run_as_old_code(monkeypatch, "toy", 5)
     summary = experiments.summarise("toy")
-    assert summary.stale and summary.fingerprint == "0" * 64 and summary.seeds == 3
+    assert summary.stale and summary.fingerprint == "0" * 64 and summary.seeds == 5
     assert "STALE" in experiments.describe(summary)
+    assert cli(["experiments", "list", "--json"]) == 0
+    assert "toy: results are stale (made by code 000000000000" in capsys.readouterr().err
     t.calls.clear()
-    with pytest.raises(StaleResultsError, match="6 result.*--replace-stale"):
-        experiments.run("toy", 3, log=quiet)
+    with pytest.raises(StaleResultsError, match="10 result.*--replace-stale"):
+        experiments.run("toy", 5, log=quiet)
     assert not t.calls  # refused before anything trained
     experiments.run("toy", 2, replace_stale=True, log=quiet)
     assert len(t.calls) == 4
     now = experiments.summarise("toy")
+    # the current code's 4 results, not the old code's 6 remaining ones, and never a mix of both
     assert not now.stale and now.seeds == 2 and now.fingerprint == experiments.code_fingerprint()
-    assert now.left_out == 2  # seed 2, still the old code's, is not mixed in
+    assert now.left_out == 6
     assert json.loads(cell(own, "toy", "A", 2).read_text())["fingerprint"] == "0" * 64
 
 

@@ -117,7 +117,7 @@ def run(name, seeds: int | None = None, *, quick: bool = False, ship: bool = Fal
                 if current:
                     report.reused.append(current[0])
                     continue
-                stale += [path for _, path in entries if path.is_relative_to(target)]
+                stale += [path for _, path in entries if path.resolve().is_relative_to(target.resolve())]
                 todo.append((seed, arm))
         if stale and not replace_stale:
             raise StaleResultsError(

@@ -87,10 +87,6 @@ class Result:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
-    @property
-    def stale(self) -> bool:
-        return self.fingerprint != code_fingerprint()
-
 
 _REQUIRED = {"experiment": str, "arm": str, "seed": int, "metric": str, "value": (int, float), "budget": str,
              "fingerprint": str, "device": str, "dtype": str, "processor": str, "seconds": (int, float), "date": str}
