@@ -139,8 +139,10 @@ def describe(summary: Summary) -> str:
                      + (" --quick" if summary.budget == "quick" else ""))
         return "\n".join(lines)
     if summary.stale:
+        quick = " --quick" if summary.budget == "quick" else ""
         lines.append(f"  STALE: made by code {summary.fingerprint[:12]}, the code is now "
-                     f"{store.code_fingerprint()[:12]}; rerun with python -m course experiments run {e.name}")
+                     f"{store.code_fingerprint()[:12]}; rerun with python -m course experiments run {e.name}{quick} "
+                     "(add --replace-stale where they are your own)")
     width = max(len(a.name) for a in summary.arms)
     for a in summary.arms:
         span = f" [{_number(a.low)}, {_number(a.high)}]" if a.low is not None else ""
