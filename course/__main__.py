@@ -130,6 +130,10 @@ def main(argv=None) -> int:
     site.add_argument("command", choices=["build"])
     site.set_defaults(func=_site)
 
+    from course.experiments.cli import add_parser as add_experiments
+
+    add_experiments(groups)
+
     groups.add_parser("finetune", help="fine-tune a model with LoRA, DoRA, OLoRA or VeRA (see finetune --help)")
     groups.add_parser("gpu-check", help="every solution notebook on a CUDA device at the full budget, timed "
                       "(make gpu-check; see gpu-check --help)")
