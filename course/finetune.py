@@ -9,6 +9,7 @@ with LoRA in a few CPU minutes, evaluates on held-out questions and writes a PEF
     python -m course finetune --data_path my.jsonl --base_model path/to/model --quantize
     python -m course finetune --output_dir outputs/dora --resume  # continue a stopped run
     python -m course finetune --output_dir outputs/dora --resume --max_steps 60   # or extend a finished one
+    python -m course finetune --output_dir outputs/dora --overwrite               # replace it with a new run
 
 The methods come from PEFT (LoRA, DoRA, OLoRA, VeRA); an OLoRA adapter is converted to plain
 LoRA on the way out (PEFT's ``path_initial_model_for_weight_conversion``), so it works on the
@@ -27,6 +28,12 @@ torchrun launcher, and this command then runs each process on the CPU with gloo.
 The loss is the sum over answer tokens divided by the global number of answer tokens, so N
 processes of batch b compute the same gradient as one process of batch N*b. Checkpoints are
 atomic (``course.checkpoints``); everything is checked before training starts.
+
+No run loses another's work: the output folder is claimed with a lock (a second run into it is
+refused, naming the process that holds it) and checked for being writable and for room before the
+model loads; an earlier run there is continued only with ``--resume`` (which refuses flags that
+change the run's meaning, showing the differences) and replaced only with ``--overwrite``. A loss
+that stops being a number ends the run with no adapter written.
 """
 
 from __future__ import annotations
@@ -135,7 +142,7 @@ def check_flags(o: argparse.Namespace) -> None:
         raise UsageError("--resume continues the run in --output_dir, --overwrite replaces it: choose one.")
 
 
-def prepare_output(o: argparse.Namespace) -> Path:
+def prepare_output(o: argparse.Namespace, *, claimed: bool = False) -> Path:
     """The run's folder: new or empty, or (with --resume / --overwrite) one of ours. Never somebody else's files."""
     from course.checkpoints import checkpoints
 
@@ -144,6 +151,8 @@ def prepare_output(o: argparse.Namespace) -> Path:
     out = Path(o.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; name a folder.")
+    if _launch_rank() == 0 and not claimed:
+        _refuse_if_claimed(out)
     present = {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.is_dir() else set()
     foreign = sorted(n for n in present if n not in OURS and not n.startswith("checkpoint-"))
     if foreign:
@@ -170,6 +179,21 @@ def _describe_owner(out: Path) -> str:
         return f"process {owner['pid']} on {owner['host']}, started {owner['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process that has not said who it is yet"
+
+
+def _refuse_if_claimed(out: Path) -> None:
+    """A run in progress in ``out`` is named at once (before its files are judged as an earlier run)."""
+    from filelock import FileLock, Timeout
+
+    if not (out / LOCK).is_file():
+        return
+    try:
+        FileLock(str(out / LOCK), timeout=0).acquire().lock.release()
+    except Timeout:
+        raise UsageError(f"--output_dir {out} is in use by another fine-tuning run ({_describe_owner(out)}): wait "
+                         "for it to finish, or choose another --output_dir.") from None
+    except OSError:
+        pass  # unreadable: claim_output says what is wrong
 
 
 def claim_output(out: Path):
@@ -452,12 +476,13 @@ def run(o: argparse.Namespace) -> dict:
     check_flags(o)
     device = _device(o)
     path = model_path(o.base_model)  # a missing --base_model is named here, before anything is written
-    out = prepare_output(o)
+    out = prepare_output(o)  # read-only: a folder that is refused is not touched
     lock, created = None, not out.exists()
     if _launch_rank() == 0:  # one claim per run, however many processes it has
         lock = claim_output(out)
     try:
         if lock is not None:
+            prepare_output(o, claimed=True)  # again, now that no other run can start here
             remove_leftovers(out)  # half-written checkpoints of a killed run: we hold the lock, none is live
             check_space(o, out, path)
             if o.overwrite:

@@ -190,6 +190,7 @@ def test_bad_input_is_refused_before_training_with_the_flag_named(extra, phrase,
     assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
     if "--resume" in extra:
         assert (out / "thesis.tex").read_text() == "somebody else's work"
+        assert [p.name for p in out.iterdir()] == ["thesis.tex"], "a refused folder is not touched (no lock file)"
 
 
 def test_a_data_line_without_the_needed_fields_is_named(tiny_model, tmp_path, capsys):
