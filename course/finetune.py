@@ -209,6 +209,7 @@ def claim_output(out: Path):
         return UsageError(f"--output_dir {out} cannot be written to ({exc.strerror or exc}): choose a folder you "
                           "can write to (nothing was trained).")
 
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")  # a file, then a rename: what saving does
@@ -216,6 +217,8 @@ def claim_output(out: Path):
         os.replace(probe, probe + ".renamed")
         os.unlink(probe + ".renamed")
     except OSError as exc:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise unwritable(exc) from None
     lock = FileLock(str(out / LOCK), timeout=0)
     try:

@@ -338,6 +338,7 @@ def test_a_read_only_folder_is_refused_before_the_model_loads(tiny_model, tmp_pa
     err = capsys.readouterr().err
     assert f"--output_dir {locked} cannot be written to (Permission denied)" in err, err
     assert f"--output_dir {locked / 'inside'} cannot be written to" in err, err
+    assert [p.name for p in locked.iterdir()] == [], "nothing was left in the folder"
 
 
 def test_a_full_disk_is_refused_before_the_model_loads(tiny_model, tmp_path, capsys, monkeypatch, no_model_load):
