@@ -247,18 +247,20 @@ def _adapter_bytes(o, path: str) -> int:
     """
     from safetensors import safe_open
 
+    from course.surgery import matches_target
+
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    targets = None if o.lora_target_modules.strip() == "all-linear" else {
-        t.strip() for t in o.lora_target_modules.split(",") if t.strip()}
+    targets = None if o.lora_target_modules.strip() == "all-linear" else [
+        t.strip() for t in o.lora_target_modules.split(",") if t.strip()]
     numbers = 0
     for file in files:
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
-                module = key.removesuffix(".weight").rpartition(".")[2]
-                if not key.endswith(".weight") or module in ("lm_head", "embed_tokens", "wte", "wpe"):
+                name = key.removesuffix(".weight")
+                if not key.endswith(".weight") or name.rpartition(".")[2] in ("lm_head", "embed_tokens", "wte", "wpe"):
                     continue
                 shape = f.get_slice(key).get_shape()
-                if len(shape) == 2 and (targets is None or module in targets):
+                if len(shape) == 2 and (targets is None or matches_target(name, targets)):
                     numbers += o.lora_r * (shape[0] + shape[1])
     copies = 1 + (3 * KEEP_CHECKPOINTS if o.save_step else 0) + (1 if o.method == "olora" else 0)
     return numbers * 4 * copies
