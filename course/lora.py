@@ -369,9 +369,9 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
     ``nn.Linear`` targets get ``layer(module, r, alpha, dropout=dropout, **options)``:
     ``LoRALinear`` by default, ``DoRALinear`` (notebook 03) or a learner's own class
     with the same signature; ``nn.Embedding`` and ``nn.Conv2d`` targets get
-    ``LoRAEmbedding`` and ``LoRAConv2d``. Changes ``model`` in place and returns it.
-    Other parameters keep their ``requires_grad``: call ``mark_only_lora_as_trainable``
-    to freeze them.
+    ``LoRAEmbedding`` and ``LoRAConv2d``. Changes ``model`` in place and returns it; when
+    any target fails (a rank too large for one layer, say) nothing changes. Other parameters
+    keep their ``requires_grad``: call ``mark_only_lora_as_trainable`` to freeze them.
     """
     targets = as_targets(target_modules)
     modules = plain_modules(model)
@@ -391,14 +391,27 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
             raise TypeError(f"{name} is an {type(modules[name]).__name__}: the options {sorted(options)} "
                             "are for the nn.Linear layer class only. Target nn.Linear modules only.")
     new = {}
-    for name in chosen:  # build every layer before swapping any in, so a failure changes nothing
-        lora_class = lora_class_for(modules[name])
-        if lora_class is LoRAEmbedding:
-            new[name] = LoRAEmbedding(modules[name], r, alpha)
-        elif lora_class is LoRALinear:
-            new[name] = layer(modules[name], r, alpha, dropout=dropout, **options)
-        else:
-            new[name] = lora_class(modules[name], r, alpha, dropout=dropout)
+    # Build every layer before swapping any in. Building one freezes its base (and OLoRA changes the
+    # base weight), so on a failure every flag and changed weight is put back: all targets or none.
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
+    originals = ({name: modules[name].weight.detach().clone() for name in chosen}
+                 if getattr(layer, "changes_base_weight", False) else {})
+    try:
+        for name in chosen:
+            lora_class = lora_class_for(modules[name])
+            if lora_class is LoRAEmbedding:
+                new[name] = LoRAEmbedding(modules[name], r, alpha)
+            elif lora_class is LoRALinear:
+                new[name] = layer(modules[name], r, alpha, dropout=dropout, **options)
+            else:
+                new[name] = lora_class(modules[name], r, alpha, dropout=dropout)
+    except BaseException:
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)
+        raise
     for name, module in new.items():
         replace_module(model, name, module)
     return model
