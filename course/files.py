@@ -46,6 +46,8 @@ def atomic_directory(target, *, keep_others: bool = False):
                     copy = shutil.copytree if item.is_dir() else shutil.copy2
                     copy(item, tmp / item.name)
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is for everyone to read
+        for item in tmp.rglob("*"):  # some writers (safetensors) make files 0600: the cache is shared
+            item.chmod(0o755 if item.is_dir() else 0o644)
         _swap_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

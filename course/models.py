@@ -190,6 +190,7 @@ def prepare_embedded(progress: bool = True) -> Path:
 
     target = embedded_model_dir()
     if (target / _MARKER).is_file():
+        _readable_by_all(target)
         return target
     gguf = embedded_gguf()
     if gguf is None:
@@ -201,6 +202,16 @@ def prepare_embedded(progress: bool = True) -> Path:
         with atomic_directory(target) as tmp:  # replaces an incomplete leftover, if any
             _convert_gguf(gguf, tmp, progress)
     return target
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Older conversions wrote ``model.safetensors`` 0600: make the shared cache readable (the grader's sandbox user)."""
+    for item in folder.iterdir():
+        try:
+            if item.is_file() and item.stat().st_mode & 0o044 != 0o044 and item.stat().st_uid == os.geteuid():
+                item.chmod(item.stat().st_mode | 0o044)
+        except OSError:
+            pass
 
 
 def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
