@@ -112,8 +112,8 @@ def _claims(nb, manifest: dict) -> dict[str, str]:
 def find_chapter(nb, path: Path, manifest: dict, assignment: str | None = None) -> str:
     """The chapter a notebook is graded as (see the module's docstring); a GradeError when it cannot be told."""
     claims = _claims(nb, manifest)
-    said = ", ".join(f"its {where} say{'' if where == 'its cells' else 's'} {chapter}"
-                     for where, chapter in claims.items()).replace("its its cells", "its cells call checks of")
+    said = ", ".join(f"its cells call checks of {chapter}" if where == "its cells" else f"its {where} says {chapter}"
+                     for where, chapter in claims.items())
     if assignment is not None:
         if any(chapter != assignment for chapter in claims.values()):
             raise GradeError(f"{path.name} is not the assignment {assignment}: {said}. Hand in the {assignment} notebook.")

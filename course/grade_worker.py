@@ -25,7 +25,6 @@ import os
 import sys
 import time
 
-
 #: Course functions an answer may not call, besides the check's own ``reference`` (which for
 #: ``inject_lora`` is a copy of the exercise's solution inside the check).
 ALSO_REFUSED = {"inject_lora": ("course.lora:inject_lora",)}
