@@ -175,6 +175,14 @@ def _environment(quick: bool) -> dict:
     return env
 
 
+def _share_model_cache() -> None:
+    """Older conversions left ``model.safetensors`` 0600: the sandbox user must read it."""
+    from course.models import _readable_by_all, embedded_model_dir
+
+    if embedded_model_dir().is_dir():
+        _readable_by_all(embedded_model_dir())
+
+
 def _sandbox(timeout: float):
     from course.grade_sandbox import Limits, Sandbox, detect
 
@@ -346,6 +354,7 @@ def grade_many(paths, *, as_json: bool = False, csv_path=None, quick: bool = Fal
             contents[path] = _load(path)
         except (GradeError, OSError):
             contents[path] = None
+    _share_model_cache()
     print(detect(str(PACKAGE.parent)).describe(Limits.for_timeout(timeout)), file=sys.stderr)
     before, reports = fingerprint(PACKAGE), []
     try:
