@@ -340,7 +340,7 @@ def grade_many(paths, *, as_json: bool = False, csv_path=None, quick: bool = Fal
     from course.files import atomic_write
     from course.grade_integrity import changed_file, fingerprint
     from course.grade_report import gradebook, print_report
-    from course.grade_sandbox import Limits, detect
+    from course.grade_sandbox import Limits, SandboxError, detect
 
     manifest = _manifest()
     if assignment is not None and not (manifest.get(assignment) or {}).get("exercises"):
@@ -365,7 +365,7 @@ def grade_many(paths, *, as_json: bool = False, csv_path=None, quick: bool = Fal
             try:
                 report = grade(path, quick=quick, timeout=timeout, run=run, assignment=assignment,
                                data=contents[path], manifest=manifest)
-            except (PackageChanged, RuntimeError):
+            except (PackageChanged, SandboxError):
                 raise
             except Exception as exc:  # a bug of the grader's on one strange file: that file's row, the rest goes on
                 report = Report(str(path), None, None, 0, 0, [], [f"the grader failed on this file: "
@@ -377,8 +377,12 @@ def grade_many(paths, *, as_json: bool = False, csv_path=None, quick: bool = Fal
         changed = changed_file(before, PACKAGE)
         if changed:
             raise PackageChanged(f"{changed} since grading started (after the last submission).")
-    except (PackageChanged, RuntimeError) as exc:
+    except PackageChanged as exc:
         print(f"Grading stopped, no gradebook written: {exc} Reinstall the course package and grade again.",
+              file=sys.stderr)
+        return 3
+    except SandboxError as exc:
+        print(f"Grading stopped, no gradebook written: {exc} End them (or restart the machine) and grade again.",
               file=sys.stderr)
         return 3
     if as_json:

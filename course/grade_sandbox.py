@@ -41,6 +41,10 @@ _PIDS_V1 = Path("/sys/fs/cgroup/pids")
 _PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG = 38, 1
 
 
+class SandboxError(RuntimeError):
+    """A submission's processes could not be ended: grading stops (no result may be written)."""
+
+
 @dataclass
 class Limits:
     """Per submission: bytes of memory per process (``RLIMIT_DATA``: heap and private mappings),
@@ -254,7 +258,7 @@ class Sandbox:
             if not left:
                 break
             if time.monotonic() > end:
-                raise RuntimeError(f"Processes {sorted(left)} of a submission could not be stopped: grading stops.")
+                raise SandboxError(f"Processes {sorted(left)} of a submission could not be stopped.")
             if self.mode.kind == "user":
                 _kill_as(self.mode.uid)
             for pid in left:
