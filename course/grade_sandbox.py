@@ -286,7 +286,7 @@ class Sandbox:
                         found.add(int(entry.name))
                 except OSError:
                     pass
-        return found
+        return {pid for pid in found if not _dead(pid)}
 
     def close(self) -> None:
         self.stop()
@@ -296,6 +296,15 @@ class Sandbox:
             except OSError:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _dead(pid: int) -> bool:
+    """A zombie (or gone): it runs no code; its parent reaps it when it gets round to it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def _real_and_effective_uid(pid: str) -> set[int]:
