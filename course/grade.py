@@ -354,8 +354,10 @@ def grade_many(paths, *, as_json: bool = False, csv_path=None, quick: bool = Fal
             contents[path] = _load(path)
         except (GradeError, OSError):
             contents[path] = None
-    _share_model_cache()
-    print(detect(str(PACKAGE.parent)).describe(Limits.for_timeout(timeout)), file=sys.stderr)
+    mode = detect(str(PACKAGE.parent))
+    if mode.kind == "user":
+        _share_model_cache()
+    print(mode.describe(Limits.for_timeout(timeout)), file=sys.stderr)
     before, reports = fingerprint(PACKAGE), []
     try:
         for path in tqdm(found, desc="grading", unit="notebook", file=sys.stderr):
