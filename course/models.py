@@ -207,6 +207,7 @@ def prepare_embedded(progress: bool = True) -> Path:
                     remove_leftovers(target.parent, target.name)
             except Timeout:
                 pass
+        _readable_by_all(target)
         return target
     gguf = embedded_gguf()
     if gguf is None:
@@ -225,6 +226,16 @@ def _leftovers(target: Path) -> list[Path]:
     """Hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` folders beside ``target`` (a killed conversion's)."""
     parent = target.parent
     return [*parent.glob(f".{target.name}.tmp-*"), *parent.glob(f".{target.name}.old-*")] if parent.is_dir() else []
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Older conversions wrote ``model.safetensors`` 0600: make the shared cache readable (the grader's sandbox user)."""
+    for item in folder.iterdir():
+        try:
+            if item.is_file() and item.stat().st_mode & 0o044 != 0o044 and item.stat().st_uid == os.geteuid():
+                item.chmod(item.stat().st_mode | 0o044)
+        except OSError:
+            pass
 
 
 def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:

@@ -92,3 +92,14 @@ def test_remove_leftovers_removes_only_what_killed_writes_left(tmp_path):
     assert sorted(p.name for p in remove_leftovers(tmp_path)) == [".other.tmp-zzzzzzzz", ".tmp-abcdefgh"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".git", ".model.tmp-file", ".model.tmp-notes.txt",
                                                           "model", "tmp-visible"]
+
+
+def test_a_finished_folder_is_readable_by_everyone(tmp_path):
+    # safetensors writes 0600; the model cache and adapters are shared (the grader's sandbox user reads them)
+    import os
+
+    with atomic_directory(tmp_path / "model") as tmp:
+        os.close(os.open(tmp / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
+        (tmp / "sub").mkdir(mode=0o700)
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model" / "sub").stat().st_mode & 0o777 == 0o755
