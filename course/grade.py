@@ -1,4 +1,5 @@
-"""Grading student notebooks: ``python -m course grade PATH... [--json] [--csv FILE] [--timeout S] [--quick]``.
+"""Grading student notebooks: ``python -m course grade PATH... [--json] [--csv FILE] [--timeout S] [--quick]
+[--assignment NN_name]``.
 
 Nothing a notebook's kernel says is trusted. For each submission:
 
@@ -6,6 +7,8 @@ Nothing a notebook's kernel says is trusted. For each submission:
    its Colab badge, else from its file name; the exercises expected are that chapter's, from the
    manifest shipped in the package (``course/exercises.json``), so grading needs no
    ``solutions/`` folder. A notebook whose chapter cannot be found gets an error row, no score.
+   With ``--assignment`` every file is graded as that chapter, and a notebook that says it is
+   another chapter gets an error row.
 2. The notebook runs in a kernel of its own, under a time limit for the whole notebook
    (``--timeout``; the kernel is killed when it runs out), only to report its cell errors.
 3. Each expected exercise is judged in a fresh Python process of the grader's
@@ -80,6 +83,29 @@ def find_chapter(nb, path: Path, manifest: dict) -> str:
         f"Colab badge nor its file name matches a chapter ({', '.join(sorted(manifest))}). Hand in the "
         "notebook the course gave you (its metadata says which chapter it is), or name the file after it."
     )
+
+
+def resolve_assignment(assignment: str, manifest: dict | None = None) -> str:
+    """The chapter ``assignment`` names: its full name ("02_lora_from_scratch") or its number ("02")."""
+    manifest = _manifest() if manifest is None else manifest
+    if assignment in manifest:
+        return assignment
+    found = [name for name in manifest if name.split("_", 1)[0] == assignment]
+    if len(found) == 1:
+        return found[0]
+    raise GradeError(f"--assignment {assignment!r} is not a chapter with exercises: use one of "
+                     f"{', '.join(sorted(manifest))} (or its number, such as 02).")
+
+
+def _assigned_chapter(nb, path: Path, manifest: dict, assignment: str) -> str:
+    try:
+        found = find_chapter(nb, path, manifest)
+    except GradeError:  # nothing says which chapter it is: it is the assignment's
+        return assignment
+    if found != assignment:
+        raise GradeError(f"{path.name} is chapter {found}'s notebook, but this assignment is {assignment}: "
+                         f"hand in the notebook of {assignment}.")
+    return found
 
 
 def _read(path: Path):
@@ -182,8 +208,11 @@ def _json_or_none(line: str):
         return None
 
 
-def grade(path, *, quick: bool = False, timeout: float = 900, run: bool = True) -> Report:
-    """Grade one submission; never raises for a bad submission (the report says what went wrong)."""
+def grade(path, *, quick: bool = False, timeout: float = 900, run: bool = True,
+          assignment: str | None = None) -> Report:
+    """Grade one submission; never raises for a bad submission (the report says what went wrong).
+
+    ``assignment``: a chapter (see ``resolve_assignment``) to grade the file as."""
     from course.definitions import extract
 
     path = Path(path)
@@ -191,7 +220,10 @@ def grade(path, *, quick: bool = False, timeout: float = 900, run: bool = True) 
     manifest = _manifest()
     try:
         nb = _read(path)
-        chapter = find_chapter(nb, path, manifest)
+        if assignment is None:
+            chapter = find_chapter(nb, path, manifest)
+        else:
+            chapter = _assigned_chapter(nb, path, manifest, resolve_assignment(assignment, manifest))
     except GradeError as exc:
         return Report(str(path), None, None, 0, 0, [], [str(exc)], round(time.perf_counter() - start, 1))
     expected = manifest[chapter]["exercises"]
@@ -247,14 +279,20 @@ def _print_report(report: Report, out) -> None:
 
 
 def grade_many(paths, *, as_json: bool = False, csv_path=None, quick: bool = False, timeout: float = 900,
-               run: bool = True) -> int:
+               run: bool = True, assignment: str | None = None) -> int:
     """Grade every submission with a progress bar; print a report each (JSON lines with ``as_json``),
     write the gradebook to ``csv_path``. Exit 0, or 2 when some submission could not be graded."""
     from tqdm.auto import tqdm
 
+    if assignment is not None:
+        try:
+            assignment = resolve_assignment(assignment)
+        except GradeError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     reports = []
     for path in tqdm(submissions(paths), desc="grading", unit="notebook", file=sys.stderr):
-        report = grade(path, quick=quick, timeout=timeout, run=run)
+        report = grade(path, quick=quick, timeout=timeout, run=run, assignment=assignment)
         reports.append(report)
         if as_json:
             print(json.dumps(asdict(report)), flush=True)
