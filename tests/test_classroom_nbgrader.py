@@ -74,6 +74,12 @@ def test_an_existing_folder_is_not_overwritten(tmp_path, capsys):
     assert "'42' is not a chapter with exercises" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
+def test_an_installed_package_without_the_notebooks_is_told_to_use_a_clone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(notebooks, "SOLUTIONS", tmp_path / "no-solutions")
+    assert main(["classroom", "export", "--format", "github", str(tmp_path / "out")]) == 2
+    assert "from a clone of the course repository" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_nbgrader_gives_a_solution_full_marks_and_the_release_copy_zero(course_dir, chapter):
     nbgrader(course_dir, "generate_assignment", chapter, "--force")

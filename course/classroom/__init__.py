@@ -59,6 +59,11 @@ def export(fmt: str, dest, chapters: str | None = None) -> list[Path]:
     return the main files written."""
     if fmt not in FORMATS:
         raise ClassroomError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    from course import notebooks
+
+    if not notebooks.SOLUTIONS.is_dir() or not notebooks.NOTEBOOKS.is_dir():
+        raise ClassroomError(f"{notebooks.SOLUTIONS} not found: run `classroom export` from a clone of the course "
+                             "repository (it reads solutions/ and notebooks/, which an installed package lacks).")
     dest = claim(dest)
     names = chapters_with_exercises(chapters)
     from course.files import atomic_directory
