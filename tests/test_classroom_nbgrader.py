@@ -3,7 +3,9 @@ exported, ``nbgrader generate_assignment`` makes the release copy, and ``nbgrade
 a solution full marks and the untouched release copy zero, with the check's message in the
 feedback ``nbgrader generate_feedback`` writes.
 
-Each chapter's notebooks run in full (``COURSE_QUICK=1`` budgets), twice: the slowest tests here.
+Each chapter's notebooks run in full, twice, with ``COURSE_QUICK=1`` budgets on the tiny Llama of
+``conftest.make_tiny_model`` (and the course's adapters rebuilt for it), as the student-notebook runs
+do: what is tested is the plumbing, and the checks judge the answers on models of their own.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def course_dir(tmp_path_factory):
     return dest
 
 
-def nbgrader(course_dir, *args):
+def nbgrader(course_dir, *args, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("COURSE_STRICT_CHECKS", "COURSE_CHECK_LOG")}
-    env.update({"COURSE_QUICK": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "agg",
+    env.update({**extra, "COURSE_QUICK": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "agg",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(notebooks.ROOT), env.get("PYTHONPATH")])),
                 # nbgrader runs `alembic` (its database migrations) from PATH: the environment's own
                 "PATH": os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])})
@@ -81,11 +83,13 @@ def test_an_installed_package_without_the_notebooks_is_told_to_use_a_clone(tmp_p
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_nbgrader_gives_a_solution_full_marks_and_the_release_copy_zero(course_dir, chapter):
+def test_nbgrader_gives_a_solution_full_marks_and_the_release_copy_zero(course_dir, chapter, tiny_model_dir,
+                                                                       tiny_adapters_dir):
     nbgrader(course_dir, "generate_assignment", chapter, "--force")
     release = course_dir / "release" / chapter / f"{chapter}.ipynb"
-    # nbgrader's release copy has the very answer stubs of the course's student notebook.
-    student = nbformat.read(notebooks.NOTEBOOKS / f"{chapter}.ipynb", as_version=4)
+    # nbgrader's release copy has the very answer stubs of the course's student notebook (as `notebooks build` writes it).
+    solution = nbformat.read(notebooks.SOLUTIONS / f"{chapter}.ipynb", as_version=4)
+    student = notebooks.student_version(notebooks.normalised_solution(solution, f"{chapter}.ipynb"), f"{chapter}.ipynb")
     released = nbformat.read(release, as_version=4)
     stubs = [c.source for c in student.cells if "raise NotImplementedError()" in c.source]
     assert stubs and stubs == [c.source for c in released.cells if "raise NotImplementedError()" in c.source]
@@ -93,7 +97,8 @@ def test_nbgrader_gives_a_solution_full_marks_and_the_release_copy_zero(course_d
     for who, path in (("solution", course_dir / "source" / chapter / f"{chapter}.ipynb"), ("release", release)):
         (course_dir / "submitted" / who / chapter).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, course_dir / "submitted" / who / chapter / f"{chapter}.ipynb")
-    nbgrader(course_dir, "autograde", chapter, "--create", "--force")
+    nbgrader(course_dir, "autograde", chapter, "--create", "--force", COURSE_MODEL=str(tiny_model_dir),
+             COURSE_ADAPTERS=str(tiny_adapters_dir))
 
     expected = notebooks.load_manifest()[chapter]["exercises"]
     with nbgrader_api.Gradebook(f"sqlite:///{course_dir / 'gradebook.db'}") as gradebook:
