@@ -83,6 +83,19 @@ def _grade(args) -> int:
                       run=not args.no_execute, assignment=args.assignment)
 
 
+def _classroom(args) -> int:
+    from course.classroom import ClassroomError, export
+
+    try:
+        written = export(args.format, args.dir, args.chapters)
+    except ClassroomError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["finetune"]:  # its flags are its own: python -m course finetune --help
@@ -123,10 +136,18 @@ def main(argv=None) -> int:
                        help="seconds a notebook may run before its kernel is stopped (default 900)")
     grade.add_argument("--quick", action="store_true", help="shrink training budgets (COURSE_QUICK=1)")
     grade.add_argument("--assignment", metavar="NN_name",
-                       help="grade every file as this chapter (a notebook of another chapter gets an error row)")
+                       help="grade every file as this chapter (02 or 02_lora_from_scratch); another chapter's notebook gets an error row")
     grade.add_argument("--no-execute", action="store_true",
                        help="judge the exercises without running the notebooks (no cell errors reported)")
     grade.set_defaults(func=_grade)
+
+    classroom = groups.add_parser("classroom", help="export to nbgrader, Gradescope or GitHub Classroom")
+    classroom.add_argument("command", choices=["export"])
+    classroom.add_argument("--format", required=True, choices=["nbgrader", "gradescope", "github"],
+                           help="an nbgrader course directory, a Gradescope autograder.zip, or a GitHub Classroom repository")
+    classroom.add_argument("--chapters", metavar="02,03", help="comma-separated chapters (numbers or names); default every chapter with exercises")
+    classroom.add_argument("dir", metavar="DIR", help="a new folder to write (an existing non-empty one is refused)")
+    classroom.set_defaults(func=_classroom)
 
     site = groups.add_parser("site", help="build the course website from the solution notebooks (make site)")
     site.add_argument("command", choices=["build"])

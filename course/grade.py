@@ -132,6 +132,23 @@ def find_chapter(nb, path: Path, manifest: dict, assignment: str | None = None) 
     )
 
 
+def resolve_assignment(assignment: str, manifest: dict | None = None) -> str:
+    """The chapter with exercises that ``assignment`` names: its full name ("02_lora_from_scratch") or
+    its number ("02"); else a GradeError listing the choices."""
+    manifest = _manifest() if manifest is None else manifest
+    graded = sorted(c for c in manifest if manifest[c].get("exercises"))
+    found = [c for c in graded if assignment in (c, c.split("_", 1)[0])]
+    if len(found) != 1:
+        raise GradeError(f"--assignment {assignment!r} is not a chapter with exercises: use one of "
+                         f"{', '.join(graded)} (or its number, such as 02).")
+    return found[0]
+
+
+def read_notebook(path: Path):
+    """The notebook at ``path``, validated enough to grade; else a GradeError saying what is wrong."""
+    return _parse(path, _load(path))
+
+
 def _parse(path: Path, data: bytes):
     """The notebook in ``data`` (read from ``path``), validated enough to grade; else a GradeError."""
     import nbformat
@@ -283,6 +300,8 @@ def grade(path, *, quick: bool = False, timeout: float = 900, run: bool = True, 
     manifest = _manifest() if manifest is None else manifest
     try:
         nb = _parse(path, _load(path) if data is None else data)
+        if assignment is not None:
+            assignment = resolve_assignment(assignment, manifest)
         chapter = find_chapter(nb, path, manifest, assignment)
         expected = manifest[chapter]["exercises"]
         if not expected:
@@ -343,10 +362,12 @@ def grade_many(paths, *, as_json: bool = False, csv_path=None, quick: bool = Fal
     from course.grade_sandbox import Limits, SandboxError, detect
 
     manifest = _manifest()
-    if assignment is not None and not (manifest.get(assignment) or {}).get("exercises"):
-        graded = ", ".join(c for c in sorted(manifest) if manifest[c]["exercises"])
-        print(f"--assignment {assignment}: not a chapter with exercises; choose one of {graded}.", file=sys.stderr)
-        return 2
+    if assignment is not None:
+        try:
+            assignment = resolve_assignment(assignment, manifest)
+        except GradeError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     found = submissions(paths)
     contents = {}
     for path in found:  # read every hand-in before any runs: none can change another's

@@ -12,7 +12,9 @@ and ``README.md``, so adding a chapter needs no change here:
   attachments written out as files, and live widgets replaced by the static text ``notebooks run``
   saved for them (a progress bar's last line; the cell's own plot for an interactive widget).
 
-Jupyter Book 1 (Sphinx, MyST-NB) builds it offline.
+Jupyter Book 1 (Sphinx, MyST-NB) builds it offline. The maths is typeset by a copy of MathJax 3
+served from the site itself (``_static/mathjax``, from the ``sphinx-mathjax-offline`` package),
+not from a CDN, so that the pages work in a classroom without internet.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ html:
 parse:
   myst_enable_extensions: [dollarmath, amsmath, html_image]
 sphinx:
+  extra_extensions: [sphinx-mathjax-offline]  # MathJax from _static/mathjax, not a CDN
   config:
     html_show_copyright: false
     html_last_updated_fmt: ""
@@ -136,9 +139,14 @@ def build(quiet: bool = False) -> tuple[Path, list[str]]:
     return HTML, warnings
 
 
-def browse(page: Path, screenshot: Path) -> dict:
+def browse(page: Path, screenshot: Path, *, offline: bool = True) -> dict:
     """Open ``page`` in headless Chromium (Debian's ``chromium`` and ``chromium-driver``), save a
-    screenshot, and return what rendered: the title, the headings' text and every image's natural size."""
+    screenshot, and return what rendered: the title, the headings' text, every image's natural size,
+    the number of typeset formulas (MathJax's ``mjx-container`` elements), the formulas left as raw
+    ``\\(...\\)`` in the text, and the scripts loaded from another host.
+
+    ``offline``: no host name resolves (as in a classroom without internet); the page is a file.
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -147,13 +155,22 @@ def browse(page: Path, screenshot: Path) -> dict:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
         options.add_argument(flag)
+    if offline:
+        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND")
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
     try:
         driver.get(page.resolve().as_uri())
+        driver.set_script_timeout(60)
+        driver.execute_async_script(  # MathJax typesets after the page has loaded: wait for it
+            "const done = arguments[arguments.length - 1];"
+            " const startup = window.MathJax && MathJax.startup && MathJax.startup.promise;"
+            " startup ? startup.then(() => done(true), () => done(false)) : done(false);")
         found = driver.execute_script(
             "return {title: document.title, headings: Array.from(document.querySelectorAll('h1')).map(h => h.innerText),"
             " images: Array.from(document.images).map(i => ({src: i.getAttribute('src'), width: i.naturalWidth,"
-            " height: i.naturalHeight}))}")
+            " height: i.naturalHeight})), typeset: document.querySelectorAll('mjx-container').length,"
+            " raw: (document.body.innerText.match(/\\\\\\(.{0,40}/g) || []),"
+            " remote: Array.from(document.scripts).map(s => s.src).filter(s => /^https?:/.test(s))}")
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))
     finally:

@@ -169,6 +169,19 @@ def test_a_notebook_whose_chapter_cannot_be_found_gets_an_error_row_not_a_score(
     assert report.score is None and report.chapter is None and "Cannot tell which chapter" in report.errors[0]
 
 
+def test_an_assignment_grades_every_file_as_its_chapter_and_refuses_another_chapters(tmp_path, capsys):
+    anonymous = student("00_welcome", tmp_path, "homework_bob.ipynb", metadata=False)
+    nb = nbformat.read(anonymous, as_version=4)
+    nb.cells = nb.cells[2:]  # nothing in it says which chapter it is
+    nbformat.write(nb, anonymous)
+    report = grade(anonymous, run=False, assignment="00")
+    assert report.chapter == "00_welcome" and report.expected == 1 and report.score == 0.0
+    other = grade(student("01_load_adapters", tmp_path), run=False, assignment="00_welcome")
+    assert other.score is None and "is not the assignment 00_welcome: its metadata says 01_load_adapters" in other.errors[0]
+    assert main(["grade", "--no-execute", "--assignment", "99", str(anonymous)]) == 2
+    assert "--assignment '99' is not a chapter" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("chapter", "cell", "answer", "phrase"), [
     ("02_lora_from_scratch", "class LoRALinear", "from course.lora import LoRALinear", "course's own reference"),
     ("02_lora_from_scratch", "class LoRALinear", "import course.lora\n\n\nclass LoRALinear(course.lora.LoRALinear):\n"

@@ -128,6 +128,7 @@ def test_a_second_make_test_skips_installing():
 EXTRA_MODULES = {
     "grade": ["course.grade", "course.grade_worker", "course.notebooks"],
     "site": ["course.site"],
+    "classroom": ["course.classroom.nbgrader"],
 }
 
 

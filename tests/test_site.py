@@ -130,3 +130,16 @@ def test_a_real_browser_renders_the_pages(built, page):
     for image in found["images"]:
         assert image["width"] > 0 and image["height"] > 0, f"{image['src']} did not load"
     assert shot.is_file() and shot.stat().st_size > 10_000, "a screenshot for a person to look at"
+
+
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_the_maths_is_typeset_with_no_network(built):
+    """Chapter 03's formulas typeset by the MathJax the site serves itself; no host name resolves."""
+    html, _ = built
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    page = html / "chapters" / "03_dora.html"
+    assert "\\frac" in page.read_text(encoding="utf-8"), "chapter 03 has formulas to typeset"
+    found = site.browse(page, html.parent / "screenshots" / "03_dora.png", offline=True)
+    assert found["remote"] == [], f"scripts from the network: {found['remote']}"
+    assert found["typeset"] >= 5, f"only {found['typeset']} formulas typeset"
+    assert found["raw"] == [], f"formulas left as raw LaTeX: {found['raw'][:3]}"
