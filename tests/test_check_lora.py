@@ -53,7 +53,7 @@ class LinearMatmulKaiming(nn.Module):
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__()
-        self.base = base.requires_grad_(False)
+        self.base_layer = base.requires_grad_(False)
         self.lora_A = nn.Linear(base.in_features, r, bias=False)
         self.lora_B = nn.Linear(r, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -64,19 +64,19 @@ class LinearMatmulKaiming(nn.Module):
 
     def forward(self, x):
         if self.merged:
-            return self.base(x)
-        return self.base(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+            return self.base_layer(x)
+        return self.base_layer(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.base.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+            self.base_layer.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+            self.base_layer.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
         self.merged = False
 
 
@@ -118,21 +118,21 @@ class BaseTrainable(LinearMatmulKaiming):
 class DropoutOnBase(LinearMatmulKaiming):
     def forward(self, x):
         x = self.dropout(x)
-        return self.base(x) + (x @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + (x @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class MergeWithoutScaling(LinearMatmulKaiming):
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.base.weight.add_(self.lora_B.weight @ self.lora_A.weight)
+            self.base_layer.weight.add_(self.lora_B.weight @ self.lora_A.weight)
         self.merged = True
 
 
 class MergeTwiceAddsTwice(LinearMatmulKaiming):
     @torch.no_grad()
     def merge(self):
-        self.base.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+        self.base_layer.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
         self.merged = True
 
 
@@ -146,30 +146,30 @@ class SquareOnly(ParamEinsumGaussian):
 
 class DropsBias(LinearMatmulKaiming):
     def forward(self, x):
-        return x @ self.base.weight.T + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return x @ self.base_layer.weight.T + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class MergedStillAddsBranch(LinearMatmulKaiming):
     def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class UnmergeForgetsFlag(LinearMatmulKaiming):
     @torch.no_grad()
     def unmerge(self):
-        self.base.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+        self.base_layer.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
 
 
 class DetachedBranch(LinearMatmulKaiming):
     def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.lora_A.weight.T.detach() @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + (self.dropout(x) @ self.lora_A.weight.T.detach() @ self.lora_B.weight.T) * self.scaling
 
 
 class DropoutAfterA(LinearMatmulKaiming):
     def forward(self, x):
         if self.merged:
-            return self.base(x)
-        return self.base(x) + (self.dropout(x @ self.lora_A.weight.T) @ self.lora_B.weight.T) * self.scaling
+            return self.base_layer(x)
+        return self.base_layer(x) + (self.dropout(x @ self.lora_A.weight.T) @ self.lora_B.weight.T) * self.scaling
 
 
 class HardCodedDropout(LinearMatmulKaiming):
@@ -181,9 +181,9 @@ class HardCodedDropout(LinearMatmulKaiming):
 class DropoutWithoutRescaling(LinearMatmulKaiming):
     def forward(self, x):
         if self.merged:
-            return self.base(x)
+            return self.base_layer(x)
         keep = (torch.rand_like(x) >= self.dropout.p).to(x.dtype) if self.training else 1.0
-        return self.base(x) + ((x * keep) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + ((x * keep) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class Only2d(ParamEinsumGaussian):

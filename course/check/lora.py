@@ -110,7 +110,7 @@ def _randomise(A: torch.Tensor, B: torch.Tensor) -> None:
 
 
 _NO_BIAS = ("The base layer's bias is missing from your output: call the base layer "
-            "(`self.base(x)`), which adds its bias, rather than x @ W.T alone.")
+            "(`self.base_layer(x)`), which adds its bias, rather than x @ W.T alone.")
 
 
 def _forward_any_batch(layer, x: torch.Tensor) -> torch.Tensor:
@@ -282,16 +282,20 @@ def _check_merge(answer, shape) -> None:
 @check(
     "lora_linear",
     hint=[
-        "Follow eq. 3 piece by piece: keep the base layer and freeze it; A takes in_features down to r "
+        "Follow eq. 3 piece by piece: keep the base layer (as `self.base_layer`, PEFT's name) and freeze it; "
+        "A takes in_features down to r "
         "numbers, B takes them up to out_features; the layer returns base(x) plus the scaled LoRA branch. "
         "Start with B = 0 so that the new layer begins as the base layer.",
-        "Make `self.lora_A = nn.Linear(base.in_features, r, bias=False)` (random by default) and "
+        "Keep `self.base_layer = base.requires_grad_(False)`. Make "
+        "`self.lora_A = nn.Linear(base.in_features, r, bias=False)` (random by default) and "
         "`self.lora_B = nn.Linear(r, base.out_features, bias=False)` with `nn.init.zeros_` on its weight, "
         "`self.scaling = alpha / r` and `self.dropout = nn.Dropout(dropout)`. `merge()` and `unmerge()` "
         "change the base weight in place, under `torch.no_grad()`, and keep `self.merged` up to date.",
-        "Forward: `return self.base(x) if self.merged else self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) "
-        "* self.scaling`. `merge()`: `if not self.merged: self.base.weight += self.scaling * self.lora_B.weight "
-        "@ self.lora_A.weight; self.merged = True`; `unmerge()` subtracts the same product when merged.",
+        "Forward: `return self.base_layer(x) if self.merged else self.base_layer(x) + "
+        "self.lora_B(self.lora_A(self.dropout(x))) * self.scaling`. `get_delta_weight()` (PEFT's name): "
+        "`return self.scaling * self.lora_B.weight @ self.lora_A.weight`. `merge()`: `if not self.merged: "
+        "self.base_layer.weight += self.get_delta_weight(); self.merged = True`; `unmerge()` subtracts the "
+        "same product when merged.",
     ],
     solution=None,  # the solution notebook's answer, from the exercise manifest
     reference="course.lora:LoRALinear",
@@ -405,7 +409,7 @@ def _spy_layer(made: list):
         def __init__(self, base, r, alpha, dropout=0.0):
             super().__init__()
             made.append((base, r, alpha))
-            self.base = base
+            self.base_layer = base
             self.scaling = alpha / r
             if isinstance(base, nn.Linear):
                 rank = max(1, int(r))  # even when r and alpha come swapped: the check says so afterwards
@@ -413,8 +417,8 @@ def _spy_layer(made: list):
                 self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
 
         def forward(self, x):
-            out = self.base(x)
-            if isinstance(self.base, nn.Linear):
+            out = self.base_layer(x)
+            if isinstance(self.base_layer, nn.Linear):
                 out = out + self.scaling * x @ self.lora_A.T @ self.lora_B.T
             return out
 
@@ -531,21 +535,6 @@ def run_on_both_shapes(answer, steps, what_to_check: str) -> None:
                               f"{what_to_check}.\n\n{exc}") from exc
 
 
-def _inject_solution(model, targets, r, alpha, layer=None):
-    """The reference: wrap each targeted nn.Linear in ``layer`` (default: course.lora.LoRALinear),
-    then train only the parameters named lora_."""
-    from course.lora import LoRALinear
-
-    layer = layer or LoRALinear
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer(module, r, alpha))
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model
-
-
 @check(
     "inject_lora",
     hint=[
@@ -567,7 +556,7 @@ def _inject_solution(model, targets, r, alpha, layer=None):
         "return model\n```",
     ],
     solution=None,  # the solution notebook's answer, from the exercise manifest
-    reference="course.check.lora:_inject_solution",
+    reference="course.lora:inject_lora_linear",
 )
 def inject_lora(answer):
     """``answer(model, targets, r, alpha, layer)``: ``layer(module, r, alpha)`` in place of every

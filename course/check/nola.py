@@ -281,7 +281,7 @@ def _nl_parts(layer):
 def _nl_reference(base: nn.Linear, a: torch.Tensor, b: torch.Tensor):
     from course.nola import NOLALoRALinear
 
-    reference = NOLALoRALinear(copy.deepcopy(base), NL_R, NL_ALPHA, NL_KA, NL_KB, NL_SEED)
+    reference = NOLALoRALinear(copy.deepcopy(base), NL_R, NL_ALPHA, num_basis_A=NL_KA, num_basis_B=NL_KB, seed=NL_SEED)
     with torch.no_grad():
         reference.lora_A_coefficients.copy_(a)
         reference.lora_B_coefficients.copy_(b)
@@ -344,7 +344,13 @@ def _nl_close(got: torch.Tensor, want: torch.Tensor) -> bool:
 def _nl_build(answer):
     base = _nl_base()
     pristine = copy.deepcopy(base)
-    layer = answer(base, NL_R, NL_ALPHA, NL_KA, NL_KB, NL_SEED)
+    options = {"num_basis_A": NL_KA, "num_basis_B": NL_KB, "seed": NL_SEED}
+    try:
+        layer = answer(base, NL_R, NL_ALPHA, *options.values())
+    except TypeError as exc:  # the course's layer classes take their options by keyword only
+        if "takes 4 positional arguments" not in str(exc):
+            raise
+        layer = answer(base, NL_R, NL_ALPHA, **options)
     expect(isinstance(layer, nn.Module), f"Calling your class gave a {type(layer).__name__}, not an nn.Module. "
            "Subclass nn.Module and call super().__init__() first.")
     return base, pristine, layer
