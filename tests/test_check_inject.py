@@ -58,7 +58,7 @@ def test_correct_injections_pass(answer):
 
 
 def test_the_reference_works_with_the_course_layer_on_a_real_shape():
-    from course.check.lora import _LlamaLike
+    from course.check.toy_models import _LlamaLike
 
     model = inject_lora_linear(_LlamaLike(), ["q_proj"], 2, 4)
     assert isinstance(model.layers[0].self_attn.q_proj, LoRALinear)
@@ -206,7 +206,7 @@ def test_the_course_inject_lora_alone_does_not_pass():
 
 
 def test_inject_lora_linear_leaves_a_convolution_with_a_target_name_alone():
-    from course.check.lora import _ViTLike
+    from course.check.toy_models import _ViTLike
 
     model = inject_lora_linear(_ViTLike(), ["proj"], 2, 4)
     assert isinstance(model.patch_embed.proj, nn.Conv2d)
@@ -216,7 +216,7 @@ def test_inject_lora_linear_leaves_a_convolution_with_a_target_name_alone():
 
 
 def test_inject_lora_linear_refuses_targets_without_a_linear_and_changes_nothing():
-    from course.check.lora import _ViTLike
+    from course.check.toy_models import _ViTLike
 
     model = _ViTLike()
     before = [type(m) for m in model.modules()]
