@@ -271,3 +271,45 @@ def test_hints_of_chapters_00_to_02_come_in_tiers(name, capsys):
         shown.append(capsys.readouterr().out)
     assert f"Hint 1 of {levels}" in shown[0] and "hint(2)" in shown[0]
     assert len(set(shown)) == levels and "`return" not in shown[0]  # the nudge gives no code away
+
+
+class ChapterTwoSpelling(nn.Module):
+    """The base kept as `self.base`, the name chapter 02 used before it taught PEFT's: still correct."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / 3)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.scaling, self.dropout, self.merged = alpha / r, nn.Dropout(dropout), False
+
+    def forward(self, x):
+        out = self.base(x)
+        return out if self.merged else out + self.scaling * self.dropout(x) @ self.lora_A.T @ self.lora_B.T
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += self.scaling * self.lora_B @ self.lora_A
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.scaling * self.lora_B @ self.lora_A
+            self.merged = False
+
+
+def test_the_check_finds_the_frozen_base_whatever_it_is_called():
+    layer = ChapterTwoSpelling(nn.Linear(4, 3), 2, 4.0)
+    assert "base" in dict(layer.named_children()) and "base_layer" not in dict(layer.named_children())
+    assert check.lora_linear.run(ChapterTwoSpelling).status == "passed"
+
+
+def test_the_hints_and_the_solution_use_peft_names(capsys):
+    check.lora_linear.hint(2)
+    check.lora_linear.hint(3)
+    check.lora_linear.solution()
+    out = capsys.readouterr().out
+    assert "self.base_layer" in out and "get_delta_weight" in out
+    assert "self.base(" not in out and "self.base." not in out and " delta_weight(" not in out
