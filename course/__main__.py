@@ -80,7 +80,7 @@ def _grade(args) -> int:
     from course.grade import grade_many
 
     return grade_many(args.paths, as_json=args.json, csv_path=args.csv, quick=args.quick, timeout=args.timeout,
-                      run=not args.no_execute)
+                      run=not args.no_execute, assignment=args.assignment)
 
 
 def main(argv=None) -> int:
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     grade.add_argument("--timeout", type=float, default=900, metavar="S",
                        help="seconds a notebook may run before its kernel is stopped (default 900)")
     grade.add_argument("--quick", action="store_true", help="shrink training budgets (COURSE_QUICK=1)")
+    grade.add_argument("--assignment", metavar="NN_name",
+                       help="grade every file as this chapter (a notebook of another chapter gets an error row)")
     grade.add_argument("--no-execute", action="store_true",
                        help="judge the exercises without running the notebooks (no cell errors reported)")
     grade.set_defaults(func=_grade)
@@ -129,6 +131,10 @@ def main(argv=None) -> int:
     site = groups.add_parser("site", help="build the course website from the solution notebooks (make site)")
     site.add_argument("command", choices=["build"])
     site.set_defaults(func=_site)
+
+    from course.experiments.cli import add_parser as add_experiments
+
+    add_experiments(groups)
 
     groups.add_parser("finetune", help="fine-tune a model with LoRA, DoRA, OLoRA or VeRA (see finetune --help)")
     groups.add_parser("gpu-check", help="every solution notebook on a CUDA device at the full budget, timed "

@@ -9,6 +9,7 @@ with LoRA in a few CPU minutes, evaluates on held-out questions and writes a PEF
     python -m course finetune --data_path my.jsonl --base_model path/to/model --quantize
     python -m course finetune --output_dir outputs/dora --resume  # continue a stopped run
     python -m course finetune --output_dir outputs/dora --resume --max_steps 60   # or extend a finished one
+    python -m course finetune --output_dir outputs/dora --overwrite               # replace it with a new run
 
 The methods come from PEFT (LoRA, DoRA, OLoRA, VeRA); an OLoRA adapter is converted to plain
 LoRA on the way out (PEFT's ``path_initial_model_for_weight_conversion``), so it works on the
@@ -27,13 +28,24 @@ torchrun launcher, and this command then runs each process on the CPU with gloo.
 The loss is the sum over answer tokens divided by the global number of answer tokens, so N
 processes of batch b compute the same gradient as one process of batch N*b. Checkpoints are
 atomic (``course.checkpoints``); everything is checked before training starts.
+
+No run loses another's work: the output folder is claimed with a lock (a second run into it is
+refused, naming the process that holds it) and checked for being writable and for room before the
+model loads; an earlier run there is continued only with ``--resume`` (which refuses flags that
+change the run's meaning, showing the differences) and replaced only with ``--overwrite``. A loss
+that stops being a number ends the run with no adapter written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +53,23 @@ import torch
 
 METHODS = ("lora", "dora", "olora", "nola", "vera")
 OURS = {"adapter_config.json", "adapter_model.safetensors", "finetune.json", "README.md", "olora-initial", "nola"}
+FINISHED = ("adapter_config.json", "finetune.json")  # what a run that got to its end leaves
+LOCK, OWNER = ".finetune.lock", ".finetune-owner.json"  # the claim on --output_dir, and who holds it
+# Flags that change what a run computes: --resume refuses a value other than the run's own. The
+# others (--max_steps, --num_epochs: how far; --eval_step, --save_step, --device, --use_compile)
+# may change on resume.
+SAME_ON_RESUME = ("method", "base_model", "data_path", "learning_rate", "batch_size", "cutoff_len", "val_set_size",
+                  "quantize", "lora_r", "nola_num_basis", "lora_alpha", "lora_dropout", "lora_target_modules",
+                  "seed")
+KEEP_CHECKPOINTS = 2
 
 
 class UsageError(ValueError):
     """A flag or the data is wrong; the message names it and says what to do."""
+
+
+class TrainingError(RuntimeError):
+    """Training went wrong (the loss stopped being a number); nothing was written as a result."""
 
 
 def _flag_bool(text: str) -> bool:
@@ -89,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
                    help='comma-separated module names, or "all-linear"')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --output_dir (its adapter "
+                   "and checkpoints) with a new one")
     return p
 
 
@@ -111,24 +138,189 @@ def check_flags(o: argparse.Namespace) -> None:
                          "drop --quantize (or choose a PEFT method: lora, dora, olora, vera).")
     if o.resume and o.output_dir is None:
         raise UsageError("--resume continues the run in --output_dir: name that folder.")
+    if o.resume and o.overwrite:
+        raise UsageError("--resume continues the run in --output_dir, --overwrite replaces it: choose one.")
 
 
-def prepare_output(o: argparse.Namespace) -> Path:
-    """The run's folder: new or empty, or (with --resume) one of ours. Never somebody else's files."""
+def prepare_output(o: argparse.Namespace, *, claimed: bool = False) -> Path:
+    """The run's folder: new or empty, or (with --resume / --overwrite) one of ours. Never somebody else's files."""
+    from course.checkpoints import checkpoints
+
     if o.output_dir is None:
         o.output_dir = f"outputs/{o.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(o.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; name a folder.")
-    present = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    foreign = sorted(n for n in present if n not in OURS and not n.startswith(("checkpoint-", ".")))
+    if _launch_rank() == 0 and not claimed:
+        _refuse_if_claimed(out)
+    present = {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.is_dir() else set()
+    foreign = sorted(n for n in present if n not in OURS and not n.startswith("checkpoint-"))
     if foreign:
         raise UsageError(f"--output_dir {out} holds files that are not from this command ({', '.join(foreign[:5])}): "
                          "choose an empty or new folder.")
-    if present and not o.resume:
-        raise UsageError(f"--output_dir {out} holds an earlier run: add --resume to continue it, or choose "
-                         "another folder.")
+    if present and not (o.resume or o.overwrite):
+        raise UsageError(f"--output_dir {out} holds an earlier run: add --resume to continue it, --overwrite to "
+                         "replace it with a new one, or choose another folder.")
+    if o.resume and not checkpoints(out) and present & set(FINISHED):
+        raise UsageError(f"nothing to resume: --output_dir {out} holds a finished run that kept no checkpoint "
+                         "(--save_step 0), so it cannot be continued. Use a new --output_dir, or --overwrite to "
+                         "replace that run with a new one.")
     return out
+
+
+def _launch_rank() -> int:
+    """This process's rank under torchrun / accelerate (0 when run alone): rank 0 claims the folder."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _describe_owner(out: Path) -> str:
+    try:
+        owner = json.loads((out / OWNER).read_text(encoding="utf-8"))
+        return f"process {owner['pid']} on {owner['host']}, started {owner['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not said who it is yet"
+
+
+def _refuse_if_claimed(out: Path) -> None:
+    """A run in progress in ``out`` is named at once (before its files are judged as an earlier run)."""
+    from filelock import FileLock, Timeout
+
+    if not (out / LOCK).is_file():
+        return
+    try:
+        FileLock(str(out / LOCK), timeout=0).acquire().lock.release()
+    except Timeout:
+        raise UsageError(f"--output_dir {out} is in use by another fine-tuning run ({_describe_owner(out)}): wait "
+                         "for it to finish, or choose another --output_dir.") from None
+    except OSError:
+        pass  # unreadable: claim_output says what is wrong
+
+
+def claim_output(out: Path):
+    """Claim ``out`` for this run: create it, prove it writable, take its lock (returned; release it at the end).
+
+    A second run into the same folder is refused at once, naming the folder and the process that holds it.
+    """
+    from filelock import FileLock, Timeout
+
+    from course.files import atomic_write
+
+    def unwritable(exc: OSError) -> UsageError:
+        return UsageError(f"--output_dir {out} cannot be written to ({exc.strerror or exc}): choose a folder you "
+                          "can write to (nothing was trained).")
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")  # a file, then a rename: what saving does
+        os.close(fd)
+        os.replace(probe, probe + ".renamed")
+        os.unlink(probe + ".renamed")
+    except OSError as exc:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise unwritable(exc) from None
+    lock = FileLock(str(out / LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UsageError(f"--output_dir {out} is in use by another fine-tuning run ({_describe_owner(out)}): wait "
+                         "for it to finish, or choose another --output_dir.") from None
+    except OSError as exc:
+        raise unwritable(exc) from None
+    try:
+        import socket
+
+        atomic_write(out / OWNER, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _adapter_bytes(o, path: str) -> int:
+    """About how many bytes the run writes: the adapter plus the checkpoints (weights and AdamW's two moments).
+
+    Read from the shapes in the base model's safetensors headers (no weights loaded); 0 when the model
+    is not a local folder (then nothing is checked).
+    """
+    from safetensors import safe_open
+
+    from course.surgery import matches_target
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    targets = None if o.lora_target_modules.strip() == "all-linear" else [
+        t.strip() for t in o.lora_target_modules.split(",") if t.strip()]
+    numbers = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                name = key.removesuffix(".weight")
+                if not key.endswith(".weight") or name.rpartition(".")[2] in ("lm_head", "embed_tokens", "wte", "wpe"):
+                    continue
+                shape = f.get_slice(key).get_shape()
+                if len(shape) == 2 and (targets is None or matches_target(name, targets)):
+                    numbers += o.lora_r * (shape[0] + shape[1])
+    copies = 1 + (3 * KEEP_CHECKPOINTS if o.save_step else 0) + (1 if o.method == "olora" else 0)
+    return numbers * 4 * copies
+
+
+def check_space(o, out: Path, path: str) -> None:
+    """Refuse before the model loads when ``out`` has no room for the adapter and the checkpoints."""
+    need = _adapter_bytes(o, path)
+    free = shutil.disk_usage(out).free
+    if need and free < need * 1.25 + 2**20:
+        raise UsageError(f"--output_dir {out} has {free / 2**20:.1f} MB free, and this run writes about "
+                         f"{need / 2**20:.1f} MB (the adapter and its checkpoints): free some space or choose "
+                         "another folder (nothing was trained).")
+
+
+def _remove_earlier_run(out: Path) -> None:
+    """--overwrite: the earlier run's own files go (never anything else: prepare_output checked)."""
+    for item in out.iterdir():
+        if item.name in OURS or item.name.startswith("checkpoint-"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def run_settings(o, data_fingerprint: str) -> dict:
+    """What a resumed run must share with the run it continues (recorded in every checkpoint)."""
+    return {**{name: getattr(o, name) for name in SAME_ON_RESUME}, "data": data_fingerprint}
+
+
+def check_resume_settings(o, last_checkpoint: Path, data_fingerprint: str) -> None:
+    """Refuse --resume with flags (or data) that would change the run's meaning, showing the differences."""
+    from course.checkpoints import STATE
+
+    state = json.loads((last_checkpoint / STATE).read_text(encoding="utf-8"))
+    before = state.get("settings")
+    if before is None:  # a checkpoint written before the settings were recorded: nothing to compare
+        return
+    now = run_settings(o, data_fingerprint)
+    changed = [key for key in now if key in before and before[key] != now[key]]
+    if not changed:
+        return
+    lines = [f"  the data: {'--data_path ' + str(o.data_path) if o.data_path else 'the course task'} has changed "
+             "since the run started" if key == "data" else f"  --{key}: {before[key]} (the run) -> {now[key]} (now)"
+             for key in changed]
+    raise UsageError(f"--resume continues the run in {o.output_dir} as it started, and these differ from it:\n"
+                     + "\n".join(lines) + "\nDrop them (or give the run's values) to continue it, or start a new "
+                     "run (another --output_dir, or --overwrite).")
+
+
+def _fingerprint(train_rows, held_out) -> str:
+    text = json.dumps([list(train_rows), list(held_out)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_answers_fit(o, encoded) -> None:
+    """Refuse, before training, examples whose answer is cut off entirely by --cutoff_len (their loss is 0/0)."""
+    empty = [labels for _, labels in encoded if all(t == -100 for t in labels[1:o.cutoff_len])]
+    if empty:
+        longest = max(len(ids) for ids, _ in encoded)
+        raise UsageError(f"--cutoff_len {o.cutoff_len} leaves {len(empty)} of {len(encoded)} training examples with "
+                         "no answer token (the prompt alone fills the limit), so there is nothing to learn from "
+                         f"them: raise --cutoff_len (the longest example is {longest} tokens) or shorten the prompts.")
 
 
 def _device(o) -> torch.device:
@@ -140,18 +332,21 @@ def _device(o) -> torch.device:
         raise UsageError(f"--device {o.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA GPU here: use --device cpu (or auto).")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {o.device}, but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from "
+                         "0: choose one of them (or --device auto).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps, but this machine has no MPS device (an Apple-silicon GPU with a macOS build "
+                         "of PyTorch): use --device cpu (or auto).")
     return device
 
 
-def load_model(o, device: torch.device):
-    """The base model (4-bit with ``--quantize``) and its tokenizer."""
+def load_model(o, device: torch.device, path: str):
+    """The base model at ``path`` (4-bit with ``--quantize``)."""
     from transformers import AutoModelForCausalLM
 
     from course.device import default_dtype
-    from course.models import load_tokenizer, model_path
 
-    path = model_path(o.base_model)
-    tokenizer = load_tokenizer(o.base_model)
     dtype = default_dtype(device)
     if o.quantize:
         from transformers import BitsAndBytesConfig
@@ -162,7 +357,7 @@ def load_model(o, device: torch.device):
                                                      device_map={"": str(device)}, dtype=compute)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model, tokenizer
+    return model
 
 
 def _targeted_linears(model, targets) -> dict[str, torch.nn.Module]:
@@ -274,7 +469,39 @@ def evaluate(model, tokenizer, held_out, encoded, device) -> dict:
 
 
 def run(o: argparse.Namespace) -> dict:
-    """Train as ``o`` says; return the run's summary (also written to ``finetune.json``)."""
+    """Train as ``o`` says; return the run's summary (also written to ``finetune.json``).
+
+    Everything that can be checked is checked before the model loads: the flags, the device, the
+    base model's whereabouts, the output folder (claimed with a lock, writable, room for the
+    adapter and checkpoints), the data and what --resume would continue.
+    """
+    from course.files import remove_leftovers
+    from course.models import model_path
+
+    check_flags(o)
+    device = _device(o)
+    path = model_path(o.base_model)  # a missing --base_model is named here, before anything is written
+    out = prepare_output(o)  # read-only: a folder that is refused is not touched
+    lock, created = None, not out.exists()
+    if _launch_rank() == 0:  # one claim per run, however many processes it has
+        lock = claim_output(out)
+    try:
+        if lock is not None:
+            prepare_output(o, claimed=True)  # again, now that no other run can start here
+            remove_leftovers(out)  # half-written checkpoints of a killed run: we hold the lock, none is live
+            check_space(o, out, path)
+            if o.overwrite:
+                _remove_earlier_run(out)
+        return _train(o, out, device, path)
+    finally:
+        if lock is not None:
+            (out / OWNER).unlink(missing_ok=True)
+            if created and {p.name for p in out.iterdir()} <= {LOCK}:  # refused before writing: leave no trace
+                shutil.rmtree(out, ignore_errors=True)
+            lock.release()
+
+
+def _train(o: argparse.Namespace, out: Path, device: torch.device, path: str) -> dict:
     from accelerate import Accelerator
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -282,19 +509,32 @@ def run(o: argparse.Namespace) -> dict:
     from course.checkpoints import checkpoints, load_checkpoint, save_checkpoint
     from course.files import atomic_directory
     from course.finetune_data import load_examples
+    from course.models import load_tokenizer
     from course.train import collate, encode_example
 
-    check_flags(o)
-    device = _device(o)
-    out = prepare_output(o)
     train_rows, held_out = load_examples(o.data_path, o.val_set_size, o.seed)
+    data_fingerprint = _fingerprint(train_rows, held_out)
+    last = checkpoints(out)[-1:] if o.resume else []
+    if last:
+        check_resume_settings(o, last[0], data_fingerprint)
+    tokenizer = load_tokenizer(path)
+    encode = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in train_rows]
+    encoded = [(ids[:o.cutoff_len], labels[:o.cutoff_len]) for ids, labels in encode]
+    check_answers_fit(o, encoded)
+    held_encoded = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in held_out]
+
     accelerator = Accelerator(cpu=device.type == "cpu")
     if device.type != "cpu" and accelerator.num_processes > 1:
         device = accelerator.device  # one device per process
     main_process = accelerator.is_main_process
     say = (lambda text: tqdm.write(text)) if main_process else (lambda text: None)
+    per_epoch = len(encoded) // (o.batch_size * accelerator.num_processes)
+    if per_epoch == 0:
+        raise UsageError(f"{len(encoded)} training examples do not fill one step of --batch_size {o.batch_size} x "
+                         f"{accelerator.num_processes} process(es): lower --batch_size.")
+    total = o.max_steps or o.num_epochs * per_epoch
 
-    model, tokenizer = load_model(o, device)
+    model = load_model(o, device, path)
     config = adapter_config(o, model)
     torch.manual_seed(o.seed)  # the same initial adapter in every process
     model = nola_model(o, model, config) if o.method == "nola" else get_peft_model(model, config)
@@ -305,7 +545,6 @@ def run(o: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(trainable.values(), lr=o.learning_rate, weight_decay=0.0)
 
     step, history = 0, {"loss": [], "evaluations": []}
-    last = checkpoints(out)[-1:] if o.resume else []
     if last:
         weights, optimizer_state, state = load_checkpoint(last[0])
         with torch.no_grad():
@@ -314,23 +553,18 @@ def run(o: argparse.Namespace) -> dict:
         optimizer.load_state_dict(optimizer_state)
         step, history = state["step"], state["history"]
         say(f"resuming from {last[0].name} (step {step})")
+    elif o.resume:
+        say(f"nothing to resume in {out} yet (no checkpoint): starting at step 0")
     if o.use_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
-    encode = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in train_rows]
-    encoded = [(ids[:o.cutoff_len], labels[:o.cutoff_len]) for ids, labels in encode]
-    held_encoded = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in held_out]
-    per_epoch = len(encoded) // (o.batch_size * accelerator.num_processes)
-    if per_epoch == 0:
-        raise UsageError(f"{len(encoded)} training examples do not fill one step of --batch_size {o.batch_size} x "
-                         f"{accelerator.num_processes} process(es): lower --batch_size.")
-    total = o.max_steps or o.num_epochs * per_epoch
     from course.device import default_dtype
 
     half = default_dtype(device) if device.type == "cuda" else torch.float32  # autocast on GPUs, as course.train
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)  # float16 needs loss scaling
+    settings = run_settings(o, data_fingerprint)
 
     def evaluation() -> None:
         if main_process:
@@ -351,6 +585,15 @@ def run(o: argparse.Namespace) -> dict:
             with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
                 loss_sum, tokens = _loss_sum(model, batch)
             global_tokens = accelerator.reduce(tokens.detach(), "sum")
+            mean = (accelerator.reduce(loss_sum.detach(), "sum") / global_tokens).item()
+            if not math.isfinite(mean):  # every process sees the same reduced value and stops alike
+                bar.close()
+                kept = checkpoints(out)
+                raise TrainingError(
+                    f"the training loss is {mean} at step {step + 1}: training stopped before that step changed "
+                    "the adapter, and no adapter was written"
+                    + (f" ({kept[-1].name} is there to --resume from)" if kept else "")
+                    + ". Lower --learning_rate, or check the data and --cutoff_len.")
             # DDP averages gradients over processes: scale so the result is the global per-token mean.
             loss = loss_sum * accelerator.num_processes / global_tokens
             accelerator.backward(scaler.scale(loss))
@@ -358,7 +601,6 @@ def run(o: argparse.Namespace) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            mean = (accelerator.reduce(loss_sum.detach(), "sum") / global_tokens).item()
             history["loss"].append(mean)
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.3f}")
@@ -367,7 +609,8 @@ def run(o: argparse.Namespace) -> dict:
             if o.save_step and (step % o.save_step == 0 or step == total):  # the last one too: a run can be extended
                 if main_process:
                     weights = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-                    save_checkpoint(out, step, weights, optimizer, {"history": history})
+                    save_checkpoint(out, step, weights, optimizer, {"history": history, "settings": settings},
+                                    keep=KEEP_CHECKPOINTS)
                 accelerator.wait_for_everyone()
             if step >= total:
                 break
@@ -380,6 +623,7 @@ def run(o: argparse.Namespace) -> dict:
     if main_process:
         peft_model = accelerator.unwrap_model(model)
         peft_model = getattr(peft_model, "_orig_mod", peft_model)  # torch.compile's wrapper
+        # Into the claimed folder, file by file (each a rename): checkpoints and the lock stay where they are.
         with atomic_directory(out, keep_others=True) as tmp:
             if o.method == "nola":  # the generated A and B as plain LoRA, and NOLA's own small file
                 from course.lora import save_peft_adapter
@@ -408,6 +652,9 @@ def main(argv=None) -> int:
     except (UsageError, DataError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

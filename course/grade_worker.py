@@ -1,18 +1,21 @@
 """The grader's own processes: ``python -m course.grade_worker execute|check ...`` (see ``course.grade``).
 
-``execute NOTEBOOK REPORT PIDFILE`` runs a notebook in a fresh kernel only to collect its cell
-errors, writing them to REPORT (the kernel's pid goes to PIDFILE, so that the grader can stop
-it on time-out).
+Both run inside the submission's sandbox (``course.grade_sandbox``).
 
-``check SPEC FD`` judges one exercise: it loads the learner's definitions (``course.definitions``)
+``execute NOTEBOOK REPORT`` runs a notebook in a fresh kernel only to collect its cell errors,
+writing them to REPORT.
+
+``check FD`` judges one exercise (the token, then the spec as one JSON line, on stdin): it loads the learner's definitions (``course.definitions``)
 into a fresh module, evaluates the answer expression among them and runs the check on it. The
 verdict goes to the pipe FD the grader opened, tagged with a token the grader sent on stdin
 before any learner code ran; whatever the learner's code prints or writes elsewhere is ignored.
 Before the learner's code runs, the course's reference answer is replaced by a guard that
-refuses calls from the learner's code, and the check machinery and torch's comparison functions
-are noted, to verify afterwards that nothing patched them. (A definition that sets out to
-defeat a grader in its own process, say by walking the interpreter's frames, is beyond what a
-grader without a sandbox can rule out; the statements that do things never run here at all.)
+refuses calls from the learner's code, and every name bound in the course's modules, the check
+machinery and torch's comparison functions are noted (``course.grade_integrity``), to verify after
+the definitions ran and after the check that nothing was rebound: a change is "tampered", and the
+submission scores 0. (A definition that sets out to defeat a grader in its own process, say by
+walking the interpreter's frames, is beyond what any in-process check can rule out: the grader
+flags such code for a human, see ``course.grade_flags``.)
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import os
 import sys
 import time
 
+#: Course functions an answer may not call, besides the check's own ``reference`` (which for
+#: ``inject_lora`` is a copy of the exercise's solution inside the check).
+ALSO_REFUSED = {"inject_lora": ("course.lora:inject_lora",)}
+
 
 class UsedTheReference(BaseException):
     """Raised when the learner's code calls the course's own answer (a BaseException: not swallowable)."""
 
 
-def _execute(notebook: str, report: str, pidfile: str) -> int:
+def _execute(notebook: str, report: str) -> int:
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, DeadKernelError
@@ -36,13 +43,6 @@ def _execute(notebook: str, report: str, pidfile: str) -> int:
     client = NotebookClient(nb, timeout=None, kernel_name="python3", allow_errors=True,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(notebook))}})
 
-    def note_pid(**kwargs):
-        pid = getattr(getattr(client.km, "provisioner", None), "pid", None)
-        if pid:
-            with open(pidfile, "w") as f:
-                f.write(str(pid))
-
-    client.on_notebook_start = note_pid
     start, errors = time.perf_counter(), []
     try:
         client.execute()
@@ -81,7 +81,10 @@ def _guard_reference(spec: str | None):
     for part in path:
         owner = getattr(owner, part)
     reference = getattr(owner, last)
-    if isinstance(reference, type) or not callable(reference):
+    if isinstance(reference, type):  # a class: its construction from the learner's code is refused
+        _guard_construction(reference, spec)
+        return reference, None
+    if not callable(reference):
         return reference, None
 
     @functools.wraps(reference)
@@ -101,15 +104,41 @@ def _guard_reference(spec: str | None):
     return reference, guard
 
 
-def _sentinels(check) -> dict:
-    import torch
+def _guard_construction(cls: type, spec: str) -> None:
+    import functools
 
-    from course.check import core
+    original = cls.__init__
 
-    return {"Check.run": core.Check.run, "check test": check._test, "CheckResult": core.CheckResult,
-            "Failure": core.Failure, "expect": core.expect, "time_limit": core.time_limit,
-            "torch.allclose": torch.allclose, "torch.equal": torch.equal,
-            "torch.testing.assert_close": torch.testing.assert_close, "Tensor.__eq__": torch.Tensor.__eq__}
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+        if "/course/" not in caller:
+            raise UsedTheReference(spec.replace(":", "."))
+        original(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
+def _load_references() -> None:
+    """Import every module a check names as its reference, so that the snapshot covers them."""
+    import importlib
+
+    from course import check as checks
+
+    for check in checks.ALL.values():
+        if check.reference:
+            importlib.import_module(check.reference.partition(":")[0])
+
+
+def _tampered(before: dict, when: str, errors: list) -> dict | None:
+    from course.grade_integrity import changes
+
+    changed = changes(before)
+    if not changed:
+        return None
+    shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    return {"status": "tampered", "errors": errors, "message": (
+        f"Tampering: {when}, the grading code was changed ({shown}). The submission scores 0.")}
 
 
 def _judge(spec: dict) -> dict:
@@ -120,10 +149,18 @@ def _judge(spec: dict) -> dict:
     check = checks.ALL.get(name)
     if check is None:
         return {"status": "failed", "message": f"The grader has no check called {name!r}: update the course."}
-    before = _sentinels(check)
+    from course.grade_integrity import snapshot
+
+    _load_references()
     reference, guard = _guard_reference(check.reference)
+    for other in ALSO_REFUSED.get(name, ()):
+        _guard_reference(other)
+    before = snapshot()
     definitions = Definitions([tuple(c) for c in spec["cells"]], list(spec["problems"]))
     module, errors = load(definitions)
+    tampered = _tampered(before, "while your definitions were loaded", errors)
+    if tampered:
+        return tampered
     try:
         answer = eval(compile(spec["answer"], "<answer>", "eval"), module.__dict__)
     except NameError as exc:
@@ -145,17 +182,15 @@ def _judge(spec: dict) -> dict:
     except UsedTheReference as exc:
         return {"status": "failed", "errors": errors, "message": (
             f"Your answer calls the course's reference `{exc}`, so it is not graded as yours: write the code.")}
-    changed = [key for key, value in _sentinels(check).items() if value is not before[key]]
-    if changed:
-        return {"status": "failed", "errors": errors, "message": (
-            f"The grading machinery was changed while your answer ran ({', '.join(changed)}): not graded.")}
+    tampered = _tampered(before, "while your answer was checked", errors)
+    if tampered:
+        return tampered
     return {"status": result.status, "message": result.message, "errors": errors}
 
 
-def _check(spec_path: str, fd: int) -> int:
+def _check(fd: int) -> int:
     token = sys.stdin.readline().strip()  # before any learner code runs
-    with open(spec_path, encoding="utf-8") as f:
-        spec = json.load(f)
+    spec = json.loads(sys.stdin.readline())
     verdict = _judge(spec)
     verdict["token"] = token
     del token
@@ -167,11 +202,11 @@ def _check(spec_path: str, fd: int) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["execute"] and len(argv) == 4:
+    if argv[:1] == ["execute"] and len(argv) == 3:
         return _execute(*argv[1:])
-    if argv[:1] == ["check"] and len(argv) == 3:
-        return _check(argv[1], int(argv[2]))
-    print("usage: python -m course.grade_worker execute NOTEBOOK REPORT PIDFILE | check SPEC FD", file=sys.stderr)
+    if argv[:1] == ["check"] and len(argv) == 2:
+        return _check(int(argv[1]))
+    print("usage: python -m course.grade_worker execute NOTEBOOK REPORT | check FD", file=sys.stderr)
     return 2
 
 

@@ -1,31 +1,27 @@
 """LoRA from scratch, interchangeable with PEFT (notebook 02).
 
-LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")
-freezes a pretrained weight W0 and learns a low-rank change to it. Equation 3
-of the paper::
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes a pretrained
+weight W0 and learns a low-rank change to it. Equation 3 of the paper::
 
     h = W0 x + (alpha / r) B A x        A: (r, in),  B: (out, r),  r << min(in, out)
 
-A starts random and B starts at zero, so at step 0 the layer is exactly the base
-layer, yet both factors get gradients once B moves. Only r * (in + out) numbers
-are trained instead of in * out. After training, ``merge()`` folds
-``(alpha / r) B A`` into W0 so that inference costs nothing extra.
+A starts random and B starts at zero, so at step 0 the layer is exactly the base layer, yet both
+factors get gradients once B moves. Only r * (in + out) numbers are trained instead of in * out.
+After training, ``merge()`` folds ``(alpha / r) B A`` into W0 so that inference costs nothing extra.
 
-This module holds one small class per layer kind, in the spirit of microsoft's
-``loralib/layers.py``, with PEFT's names (``base_layer``, ``lora_A``, ``lora_B``,
-``scaling``, ``get_delta_weight``). The relatives of LoRA in later chapters are
-small subclasses of ``LoRALinear`` that override a hook rather than copy the class
-(as PEFT's ``LoraVariant`` does): ``lora_factors`` (NOLA generates A and B),
-``adapt`` (DoRA's forward), ``merged_weight`` / ``unmerged_weight`` (DoRA's merge).
-Adapters move to and from PEFT's file format with ``save_peft_adapter`` and
-``load_peft_adapter`` (``course.peft_format``).
+This module holds one small class per layer kind, in the spirit of microsoft's ``loralib/layers.py``,
+with PEFT's names (``base_layer``, ``lora_A``, ``lora_B``, ``scaling``, ``get_delta_weight``). The
+relatives of LoRA in later chapters are small subclasses of ``LoRALinear`` that override a hook rather
+than copy the class (as PEFT's ``LoraVariant`` does): ``lora_factors`` (NOLA generates A and B),
+``adapt`` (DoRA's forward), ``merged_weight`` / ``unmerged_weight`` (DoRA's merge). Adapters move to
+and from PEFT's file format with ``save_peft_adapter`` and ``load_peft_adapter`` (``course.peft_format``).
 
 Every layer class takes ``(base, r, alpha)`` positionally and its other options by keyword
 only (``LoRALinear(base, 8, 16, dropout=0.1)``): an option never lands in the wrong slot.
 
-Precision: over a float16 or bfloat16 base the factors are kept in float32, as PEFT
-keeps them; the input is cast to the factors' dtype, the LoRA branch is added to the
-base output in float32 and the sum is cast back, in PEFT's order of operations.
+Precision: over a float16 or bfloat16 base the factors are kept in float32, as PEFT keeps them;
+the input is cast to the factors' dtype, the LoRA branch is added to the base output in float32
+and the sum is cast back, in PEFT's order of operations.
 """
 
 from __future__ import annotations
@@ -357,9 +353,9 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
     ``nn.Linear`` targets get ``layer(module, r, alpha, dropout=dropout, **options)``:
     ``LoRALinear`` by default, ``DoRALinear`` (notebook 03) or a learner's own class
     with the same signature; ``nn.Embedding`` and ``nn.Conv2d`` targets get
-    ``LoRAEmbedding`` and ``LoRAConv2d``. Changes ``model`` in place and returns it.
-    Other parameters keep their ``requires_grad``: call ``mark_only_lora_as_trainable``
-    to freeze them.
+    ``LoRAEmbedding`` and ``LoRAConv2d``. Changes ``model`` in place and returns it; when
+    any target fails (a rank too large for one layer, say) nothing changes. Other parameters
+    keep their ``requires_grad``: call ``mark_only_lora_as_trainable`` to freeze them.
     """
     targets = as_targets(target_modules)
     modules = plain_modules(model)
@@ -379,14 +375,27 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
             raise TypeError(f"{name} is an {type(modules[name]).__name__}: the options {sorted(options)} "
                             "are for the nn.Linear layer class only. Target nn.Linear modules only.")
     new = {}
-    for name in chosen:  # build every layer before swapping any in, so a failure changes nothing
-        lora_class = lora_class_for(modules[name])
-        if lora_class is LoRAEmbedding:
-            new[name] = LoRAEmbedding(modules[name], r, alpha)
-        elif lora_class is LoRALinear:
-            new[name] = layer(modules[name], r, alpha, dropout=dropout, **options)
-        else:
-            new[name] = lora_class(modules[name], r, alpha, dropout=dropout)
+    # Build every layer before swapping any in. Building one freezes its base (and OLoRA changes the
+    # base weight), so on a failure every flag and changed weight is put back: all targets or none.
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
+    originals = ({name: modules[name].weight.detach().clone() for name in chosen}
+                 if getattr(layer, "changes_base_weight", False) else {})
+    try:
+        for name in chosen:
+            lora_class = lora_class_for(modules[name])
+            if lora_class is LoRAEmbedding:
+                new[name] = LoRAEmbedding(modules[name], r, alpha)
+            elif lora_class is LoRALinear:
+                new[name] = layer(modules[name], r, alpha, dropout=dropout, **options)
+            else:
+                new[name] = lora_class(modules[name], r, alpha, dropout=dropout)
+    except BaseException:
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)
+        raise
     for name, module in new.items():
         replace_module(model, name, module)
     return model

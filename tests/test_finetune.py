@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,6 +190,7 @@ def test_bad_input_is_refused_before_training_with_the_flag_named(extra, phrase,
     assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
     if "--resume" in extra:
         assert (out / "thesis.tex").read_text() == "somebody else's work"
+        assert [p.name for p in out.iterdir()] == ["thesis.tex"], "a refused folder is not touched (no lock file)"
 
 
 def test_a_data_line_without_the_needed_fields_is_named(tiny_model, tmp_path, capsys):
@@ -220,3 +222,176 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+# --- Runs that never lose work (issue 21) -------------------------------------------------------
+# The smallest budgets: rank 2 on q_proj, one or two steps of batch 2, no evaluation on the way.
+
+
+def small(model, out, *extra) -> list[str]:
+    return ["finetune", "--base_model", str(model), "--output_dir", str(out), "--max_steps", "1", "--batch_size", "2",
+            "--val_set_size", "2", "--eval_step", "0", "--save_step", "1", "--lora_r", "2",
+            "--lora_target_modules", "q_proj", *extra]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A refusal must come before the model loads."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(finetune, "load_model", refuse)
+
+
+def test_a_second_run_into_a_claimed_folder_is_refused_naming_the_process(tiny_model, tmp_path, capsys):
+    out = tmp_path / "shared"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from course.finetune import claim_output; "
+         "lock = claim_output(Path(sys.argv[1])); print('claimed', flush=True); time.sleep(60)", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        assert main(small(tiny_model, out)) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {out} is in use by another fine-tuning run (process {holder.pid}" in err, err
+        assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(small(tiny_model, out)) == 0, "the claim ends with its process"
+    assert main(small(tiny_model, out, "--overwrite")) == 0, "and with the run that made it"
+
+
+def test_resume_of_a_finished_run_without_checkpoints_is_refused(tiny_model, tmp_path, capsys):
+    out = tmp_path / "done"
+    assert main(small(tiny_model, out, "--save_step", "0")) == 0
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    summary = (out / "finetune.json").read_text()
+    assert main(small(tiny_model, out, "--save_step", "0", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"nothing to resume: --output_dir {out} holds a finished run that kept no checkpoint" in err, err
+    assert "use a new --output_dir, or --overwrite" in err.lower()
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter and (out / "finetune.json").read_text() == summary
+    assert main(small(tiny_model, out, "--resume", "--overwrite")) == 2
+    assert "choose one" in capsys.readouterr().err
+    assert main(small(tiny_model, out, "--seed", "1", "--overwrite")) == 0, "--overwrite replaces it when asked"
+    assert json.loads((out / "finetune.json").read_text())["options"]["seed"] == 1
+    assert (out / "adapter_model.safetensors").read_bytes() != adapter
+
+
+def test_resume_refuses_flags_and_data_that_change_the_run_showing_the_differences(tiny_model, tmp_path, capsys):
+    out, data = tmp_path / "run", tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    assert main(small(tiny_model, out, "--data_path", str(data))) == 0
+    summary = (out / "finetune.json").read_text()
+    (out / ".checkpoint-2.tmp-abc123").mkdir()  # what a run killed mid-checkpoint leaves
+    code = main(small(tiny_model, out, "--data_path", str(data), "--resume", "--max_steps", "2",
+                      "--learning_rate", "1e-9", "--lora_r", "4"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--learning_rate: 0.002 (the run) -> 1e-09 (now)" in err and "--lora_r: 2 (the run) -> 4 (now)" in err, err
+    assert (out / "finetune.json").read_text() == summary
+    data.write_text(data.read_text().replace('"answer": "1"', '"answer": "one"'))
+    assert main(small(tiny_model, out, "--data_path", str(data), "--resume", "--max_steps", "2")) == 2
+    assert f"the data: --data_path {data} has changed since the run started" in capsys.readouterr().err
+    data.write_text(data.read_text().replace('"answer": "one"', '"answer": "1"'))
+    assert main(small(tiny_model, out, "--data_path", str(data), "--resume", "--max_steps", "2")) == 0
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 2, "a longer run is a continuation"
+    assert not (out / ".checkpoint-2.tmp-abc123").exists(), "the killed run's half checkpoint was cleared"
+
+
+def test_output_dir_dot_works(tiny_model, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(small(tiny_model, ".")) == 0
+    assert (here / "adapter_model.safetensors").is_file() and (here / "checkpoint-1").is_dir()
+    assert not [p.name for p in here.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
+    assert main(small(tiny_model, ".", "--resume", "--max_steps", "2")) == 0
+    assert json.loads((here / "finetune.json").read_text())["steps"] == 2
+
+
+def _is_root_like(folder: Path) -> bool:
+    try:
+        (folder / "probe").write_text("x")
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
+
+
+def test_a_read_only_folder_is_refused_before_the_model_loads(tiny_model, tmp_path, capsys, monkeypatch,
+                                                              no_model_load):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if _is_root_like(locked):  # root writes anywhere: make the folder refuse the way a read-only mount does
+            def read_only(*args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(finetune.tempfile, "mkstemp", read_only)
+        assert main(small(tiny_model, locked)) == 2
+        assert main(small(tiny_model, locked / "inside")) == 2  # a read-only parent
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"--output_dir {locked} cannot be written to (Permission denied)" in err, err
+    assert f"--output_dir {locked / 'inside'} cannot be written to" in err, err
+    assert [p.name for p in locked.iterdir()] == [], "nothing was left in the folder"
+
+
+def test_a_full_disk_is_refused_before_the_model_loads(tiny_model, tmp_path, capsys, monkeypatch, no_model_load):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(finetune.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    out = tmp_path / "full"
+    assert main(small(tiny_model, out)) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"--output_dir {re.escape(str(out))} has 0\.0 MB free, and this run writes about [\d.]+ MB", err), err
+    assert not out.exists(), "a refused run leaves no folder behind"
+
+
+def test_answers_cut_off_by_cutoff_len_are_refused_before_the_model_loads(tiny_model, tmp_path, capsys,
+                                                                         no_model_load):
+    assert main(small(tiny_model, tmp_path / "cut", "--cutoff_len", "1")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--cutoff_len 1 leaves (\d+) of \1 training examples with no answer token", err), err
+
+
+def test_a_nan_loss_stops_the_run_and_writes_no_adapter(tiny_model, tmp_path, capsys, monkeypatch):
+    real = finetune._loss_sum
+    calls = []
+
+    def nan_at_step_2(model, batch):
+        loss, count = real(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), count
+
+    monkeypatch.setattr(finetune, "_loss_sum", nan_at_step_2)
+    out = tmp_path / "nan"
+    assert main(small(tiny_model, out, "--max_steps", "3")) == 1
+    captured = capsys.readouterr()
+    assert "the training loss is nan at step 2" in captured.err and "no adapter was written" in captured.err
+    assert "checkpoint-1 is there to --resume from" in captured.err
+    assert "adapter written" not in captured.out + captured.err
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "finetune.json").exists()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize(("extra", "phrase"), [
+    (["--base_model", "/path/that/does/not/exist"], "looks like a local folder, and /path/that/does/not/exist does "
+                                                    "not exist"),
+    (["--device", "mps"], "--device mps, but this machine has no MPS device"),
+    (["--device", "cuda:7"], "--device cuda"),
+])
+def test_environment_mistakes_are_clear_errors_not_tracebacks(extra, phrase, tiny_model, tmp_path, capsys):
+    if extra == ["--device", "mps"] and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if extra == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    out = tmp_path / "out"
+    assert main(small(tiny_model, out, *extra)) == 2
+    assert phrase in capsys.readouterr().err
+    assert not out.exists()

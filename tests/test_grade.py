@@ -91,16 +91,18 @@ def test_a_traceback_points_at_the_learners_cell_and_line():
 # ---------------------------------------------------------------------------
 
 
-def test_every_solution_gets_full_marks_and_every_student_notebook_zero():
-    for path in notebooks.solution_paths():
+@pytest.mark.parametrize("chapter", [path.stem for path in notebooks.solution_paths()])
+def test_every_solution_gets_full_marks_and_every_student_notebook_zero(chapter):
+    for path in [notebooks.SOLUTIONS / f"{chapter}.ipynb"]:
         report = grade(path, run=False)
         assert report.expected == len(notebooks.load_manifest()[path.stem]["exercises"])
-        assert report.score == 1.0, (path.name, report.checks)
         unanswered = grade(notebooks.NOTEBOOKS / path.name, run=False)
         if report.expected:
+            assert report.score == 1.0 and report.flagged == "", (path.name, report.checks, report.flagged)
             assert unanswered.score == 0.0 and set(statuses(unanswered).values()) <= {"not_attempted"}, unanswered
-        else:  # a chapter without exercises (08): nothing is expected of either version
-            assert unanswered.expected == 0 and unanswered.checks == [], unanswered
+        else:  # a chapter without exercises (08): never a score, for either version
+            for row in (report, unanswered):
+                assert row.score is None and "has no exercises" in row.errors[0], row
 
 
 def test_a_planted_mistake_gets_the_checks_own_message(tmp_path):
@@ -143,8 +145,10 @@ def test_patching_the_checks_from_a_definition_is_caught(tmp_path):
         "    return sum(p.numel() for p in model.parameters() if p.requires_grad)", "    return 0")), append=[
         "class Sneaky:\n    import torch\n    torch.equal = lambda *a, **k: True\n"
         "    from course.check import core\n    core.expect = lambda *a, **k: None"])
-    (verdict,) = grade(sneaky, run=False).checks
-    assert verdict["status"] == "failed" and "grading machinery was changed" in verdict["message"]
+    report = grade(sneaky, run=False)
+    (verdict,) = report.checks
+    assert verdict["status"] == "tampered" and "torch.equal" in verdict["message"] and "core.expect" in verdict["message"]
+    assert report.score == 0.0 and report.flagged.startswith("tampering")
 
 
 def test_a_renamed_notebook_with_its_checks_removed_is_still_graded_as_its_chapter(tmp_path):
@@ -159,7 +163,7 @@ def test_a_renamed_notebook_with_its_checks_removed_is_still_graded_as_its_chapt
 def test_a_notebook_whose_chapter_cannot_be_found_gets_an_error_row_not_a_score(tmp_path):
     anonymous = student("00_welcome", tmp_path, "homework_bob.ipynb", metadata=False)
     nb = nbformat.read(anonymous, as_version=4)
-    nb.cells = nb.cells[2:]  # no badge either
+    nb.cells = [c for c in nb.cells[2:] if "check." not in c.source]  # no badge, no checks either
     nbformat.write(nb, anonymous)
     report = grade(anonymous, run=False)
     assert report.score is None and report.chapter is None and "Cannot tell which chapter" in report.errors[0]

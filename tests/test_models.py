@@ -184,3 +184,31 @@ def test_reading_the_embedded_model_without_gguf_says_which_package(monkeypatch,
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: find_spec answers None
     with pytest.raises(models.ModelNotFoundError, match=r"pip install 'gguf>=0.10' \(the course's `offline` extra"):
         models._convert_gguf(tmp_path / "model.gguf", tmp_path / "out", False)
+
+
+def test_a_killed_conversion_s_hidden_folder_is_removed_at_the_next_start(fake_embedded):
+    from filelock import FileLock
+
+    target = models.prepare_embedded(progress=False)
+    half = fake_embedded / f".{target.name}.tmp-k1ll3d00"  # what a conversion killed mid-write leaves
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half of 514 MB")
+    lock = FileLock(str(target) + ".lock")
+    with lock:  # a conversion is running right now (another process): its folder is not stale
+        assert models.prepare_embedded(progress=False) == target
+        assert half.is_dir()
+    assert models.prepare_embedded(progress=False) == target
+    assert not half.exists()
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("name", ["/path/that/does/not/exist", "./my-model", "models/org/name"])
+def test_a_local_path_that_does_not_exist_is_named(name, no_hf_cache):
+    with pytest.raises(models.ModelNotFoundError, match="looks like a local folder, and .* does not exist"):
+        models.resolve_model(name, network=False)
+
+
+def test_a_name_that_is_no_hub_id_is_a_model_not_found_error(monkeypatch):
+    monkeypatch.delenv("COURSE_MODEL", raising=False)
+    with pytest.raises(models.ModelNotFoundError, match="neither a local folder nor a valid hub id"):
+        models.resolve_model("not a hub id!", network=False)

@@ -72,3 +72,19 @@ def test_plot_histories_draws_both_panels():
     left, right = fig.axes
     assert len(left.lines) == 2 and len(right.lines) == 2
     assert list(right.lines[0].get_ydata()) == [0.0, 0.5]
+
+
+def test_an_empty_dataset_is_refused_at_once():
+    import signal
+
+    def hung(*args):
+        raise TimeoutError("train never returned")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match="The dataset is empty"):
+            train(torch.nn.Linear(2, 2), None, {"prompt": [], "answer": []}, steps=1, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
