@@ -1,32 +1,27 @@
 """LoRA from scratch, interchangeable with PEFT (notebook 02).
 
-LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")
-freezes a pretrained weight W0 and learns a low-rank change to it. Equation 3
-of the paper::
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes a pretrained
+weight W0 and learns a low-rank change to it. Equation 3 of the paper::
 
     h = W0 x + (alpha / r) B A x        A: (r, in),  B: (out, r),  r << min(in, out)
 
-A starts random and B starts at zero, so at step 0 the layer is exactly the base
-layer, yet both factors get gradients once B moves. Only r * (in + out) numbers
-are trained instead of in * out. After training, ``merge()`` folds
-``(alpha / r) B A`` into W0 so that inference costs nothing extra.
+A starts random and B starts at zero, so at step 0 the layer is exactly the base layer, yet both
+factors get gradients once B moves. Only r * (in + out) numbers are trained instead of in * out.
+After training, ``merge()`` folds ``(alpha / r) B A`` into W0 so that inference costs nothing extra.
 
-This module holds one small class per layer kind, in the spirit of microsoft's
-``loralib/layers.py``, with PEFT's names (``base_layer``, ``lora_A``, ``lora_B``,
-``scaling``, ``get_delta_weight``). The relatives of LoRA in later chapters are
-small subclasses of ``LoRALinear`` that override a hook rather than copy the class
-(as PEFT's ``LoraVariant`` does): ``lora_factors`` (NOLA generates A and B),
-``adapt`` (DoRA's forward), ``merged_weight`` / ``unmerged_weight`` (DoRA's merge).
-Adapters move to and from PEFT's file format with ``save_peft_adapter`` and
-``load_peft_adapter`` (``course.peft_format``).
+This module holds one small class per layer kind, in the spirit of microsoft's ``loralib/layers.py``,
+with PEFT's names (``base_layer``, ``lora_A``, ``lora_B``, ``scaling``, ``get_delta_weight``). The
+relatives of LoRA in later chapters are small subclasses of ``LoRALinear`` that override a hook rather
+than copy the class (as PEFT's ``LoraVariant`` does): ``lora_factors`` (NOLA generates A and B),
+``adapt`` (DoRA's forward), ``merged_weight`` / ``unmerged_weight`` (DoRA's merge). Adapters move to
+and from PEFT's file format with ``save_peft_adapter`` and ``load_peft_adapter`` (``course.peft_format``).
 
 Every layer class takes ``(base, r, alpha)`` positionally and its other options by keyword
-only (``LoRALinear(base, 8, 16, dropout=0.1)``), so that an option can never land in the
-wrong slot.
+only (``LoRALinear(base, 8, 16, dropout=0.1)``): an option never lands in the wrong slot.
 
-Precision: over a float16 or bfloat16 base the factors are kept in float32, as PEFT
-keeps them; the input is cast to the factors' dtype, the LoRA branch is added to the
-base output in float32 and the sum is cast back, in PEFT's order of operations.
+Precision: over a float16 or bfloat16 base the factors are kept in float32, as PEFT keeps them;
+the input is cast to the factors' dtype, the LoRA branch is added to the base output in float32
+and the sum is cast back, in PEFT's order of operations.
 """
 
 from __future__ import annotations
@@ -42,20 +37,9 @@ from course.peft_format import load_peft_adapter, save_peft_adapter
 from course.surgery import as_targets, is_adapted, matches_target, plain_modules, replace_module
 
 __all__ = [
-    "LoRALayer",
-    "LoRALinear",
-    "LoRAEmbedding",
-    "LoRAConv2d",
-    "MergedLoRALinear",
-    "adapter_dtype",
-    "inject_lora",
-    "lora_class_for",
-    "matches_target",
-    "lora_layers",
-    "mark_only_lora_as_trainable",
-    "lora_state_dict",
-    "save_peft_adapter",
-    "load_peft_adapter",
+    "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "MergedLoRALinear", "adapter_dtype",
+    "inject_lora", "inject_lora_linear", "lora_class_for", "matches_target", "lora_layers",
+    "mark_only_lora_as_trainable", "lora_state_dict", "save_peft_adapter", "load_peft_adapter",
 ]
 
 HALF = (torch.float16, torch.bfloat16)
@@ -440,6 +424,21 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
         p.requires_grad_("lora_" in name or (bias == "all" and is_bias)
                          or (bias == "lora_only" and name in lora_biases))
     return model
+
+
+def inject_lora_linear(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, *,
+                       layer=LoRALinear, **options) -> nn.Module:
+    """Notebook 02's exercise 2: ``inject_lora`` on the ``nn.Linear`` modules only (a convolution called
+    ``proj`` stays as it is), then ``mark_only_lora_as_trainable``, as PEFT's ``get_peft_model`` freezes."""
+    targets = as_targets(target_modules)
+    modules = plain_modules(model)
+    chosen = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and matches_target(n, targets)]
+    if not chosen:
+        raise ValueError(f"No nn.Linear matches target_modules={targets} (inject_lora_linear adapts nn.Linear "
+                         "only; inject_lora also takes nn.Embedding and nn.Conv2d).")
+    for name, module in {n: layer(modules[n], r, alpha, dropout=dropout, **options) for n in chosen}.items():
+        replace_module(model, name, module)  # every layer built before any is swapped in
+    return mark_only_lora_as_trainable(model)
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:

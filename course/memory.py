@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-__all__ = ["peak_memory", "cpu_peak_supported"]
+__all__ = ["peak_memory", "cpu_peak_supported", "tensor_bytes", "resident_bytes", "memory_growth"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 _libc = None
@@ -90,3 +91,48 @@ def peak_memory(fn, device=None):
         result = fn()
         peak = _status("VmHWM") - start
     return result, max(0, peak)
+
+
+# ---------------------------------------------------------------------------
+# A model's size, and the memory in use now (notebook 07)
+# ---------------------------------------------------------------------------
+
+
+def tensor_bytes(model) -> int:
+    """Bytes held by a model's parameters and buffers (each shared tensor once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def resident_bytes(device=None) -> int:
+    """Memory in use now: allocated CUDA memory on a GPU, else the process's resident set size."""
+    device = torch.device(device) if device is not None else _default_device()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    import psutil  # a dependency of accelerate, which TRL needs
+
+    return psutil.Process().memory_info().rss
+
+
+def memory_growth(make):
+    """``(make(), bytes)``: what ``make()`` returns and how much the memory in use grew while it ran.
+
+    On a GPU the allocator's count (exact); on the CPU the resident set size, which counts a
+    model's weights once they have been read (run a forward pass inside ``make``).
+    """
+    gc.collect()
+    before = resident_bytes()
+    result = make()
+    gc.collect()
+    return result, resident_bytes() - before
+
+
+def _default_device():
+    from course.device import default_device
+
+    return default_device()

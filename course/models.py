@@ -315,6 +315,11 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def count_trainable(model: torch.nn.Module) -> int:
+    """Number of trainable parameters, each shared tensor once: notebook 00's warm-up exercise."""
+    return count_parameters(model, trainable_only=True)
+
+
 def model_info(name: str | None = None) -> dict:
     """What ``python -m course model info`` prints: source, class, parameters, dtype."""
     source = resolve_model(name)

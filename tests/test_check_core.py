@@ -242,6 +242,16 @@ def test_no_check_changes_the_global_random_states(name):
     assert _same_states(before, _random_states()), f"check.{name} changed a global random state"
 
 
+@pytest.mark.parametrize("name", sorted(check.ALL))
+def test_every_reference_is_library_code_outside_the_checks(name):
+    """A check's reference is what the course teaches (course.lora, course.merging, ...), not a copy
+    kept inside course.check; it passes its check (test above)."""
+    chk = check.ALL[name]
+    module = chk.reference.partition(":")[0]
+    assert module.startswith("course.") and not module.startswith("course.check"), chk.reference
+    assert not chk.reference_object().__module__.startswith("course.check"), chk.reference
+
+
 def test_random_states_are_restored_even_when_the_answer_draws():
     def judge(answer):
         answer()

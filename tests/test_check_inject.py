@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from course import check
-from course.check.lora import _inject_solution
-from course.lora import LoRALinear, inject_lora, mark_only_lora_as_trainable
+from course.lora import LoRALinear, inject_lora, inject_lora_linear, mark_only_lora_as_trainable
 
 # ---------------------------------------------------------------------------
 # Correct answers, written differently
@@ -51,7 +50,7 @@ def course_api_for_linear_targets(model, targets, r, alpha, layer):
     return mark_only_lora_as_trainable(inject_lora(model, linear, r, alpha, layer=layer))
 
 
-@pytest.mark.parametrize("answer", [_inject_solution, notebook_answer, recursive_freeze_first,
+@pytest.mark.parametrize("answer", [inject_lora_linear, notebook_answer, recursive_freeze_first,
                                     course_api_for_linear_targets])
 def test_correct_injections_pass(answer):
     result = check.inject_lora.run(answer)
@@ -59,9 +58,9 @@ def test_correct_injections_pass(answer):
 
 
 def test_the_reference_works_with_the_course_layer_on_a_real_shape():
-    from course.check.lora import _LlamaLike
+    from course.check.toy_models import _LlamaLike
 
-    model = _inject_solution(_LlamaLike(), ["q_proj"], 2, 4)
+    model = inject_lora_linear(_LlamaLike(), ["q_proj"], 2, 4)
     assert isinstance(model.layers[0].self_attn.q_proj, LoRALinear)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         f"layers.{i}.self_attn.q_proj.lora_{f}.weight" for i in (0, 1) for f in "AB"}
@@ -204,6 +203,27 @@ def test_the_course_inject_lora_alone_does_not_pass():
         return inject_lora(model, targets, r, alpha, layer=layer)
 
     assert check.inject_lora.run(course_only).status == "failed"
+
+
+def test_inject_lora_linear_leaves_a_convolution_with_a_target_name_alone():
+    from course.check.toy_models import _ViTLike
+
+    model = inject_lora_linear(_ViTLike(), ["proj"], 2, 4)
+    assert isinstance(model.patch_embed.proj, nn.Conv2d)
+    assert isinstance(model.blocks[0].attn.proj, LoRALinear)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"blocks.{i}.attn.proj.lora_{f}.weight" for i in (0, 1) for f in "AB"}
+
+
+def test_inject_lora_linear_refuses_targets_without_a_linear_and_changes_nothing():
+    from course.check.toy_models import _ViTLike
+
+    model = _ViTLike()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="No nn.Linear matches"):
+        inject_lora_linear(model, ["patch_embed.proj"], 2, 4)  # a convolution only
+    assert [type(m) for m in model.modules()] == before
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_not_a_function_and_stub():

@@ -53,7 +53,7 @@ class LinearMatmulKaiming(nn.Module):
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__()
-        self.base = base.requires_grad_(False)
+        self.base_layer = base.requires_grad_(False)
         self.lora_A = nn.Linear(base.in_features, r, bias=False)
         self.lora_B = nn.Linear(r, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -64,19 +64,19 @@ class LinearMatmulKaiming(nn.Module):
 
     def forward(self, x):
         if self.merged:
-            return self.base(x)
-        return self.base(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+            return self.base_layer(x)
+        return self.base_layer(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.base.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+            self.base_layer.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+            self.base_layer.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
         self.merged = False
 
 
@@ -118,21 +118,21 @@ class BaseTrainable(LinearMatmulKaiming):
 class DropoutOnBase(LinearMatmulKaiming):
     def forward(self, x):
         x = self.dropout(x)
-        return self.base(x) + (x @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + (x @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class MergeWithoutScaling(LinearMatmulKaiming):
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.base.weight.add_(self.lora_B.weight @ self.lora_A.weight)
+            self.base_layer.weight.add_(self.lora_B.weight @ self.lora_A.weight)
         self.merged = True
 
 
 class MergeTwiceAddsTwice(LinearMatmulKaiming):
     @torch.no_grad()
     def merge(self):
-        self.base.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+        self.base_layer.weight.add_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
         self.merged = True
 
 
@@ -146,30 +146,30 @@ class SquareOnly(ParamEinsumGaussian):
 
 class DropsBias(LinearMatmulKaiming):
     def forward(self, x):
-        return x @ self.base.weight.T + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return x @ self.base_layer.weight.T + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class MergedStillAddsBranch(LinearMatmulKaiming):
     def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + (self.dropout(x) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class UnmergeForgetsFlag(LinearMatmulKaiming):
     @torch.no_grad()
     def unmerge(self):
-        self.base.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
+        self.base_layer.weight.sub_(self.scaling * self.lora_B.weight @ self.lora_A.weight)
 
 
 class DetachedBranch(LinearMatmulKaiming):
     def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.lora_A.weight.T.detach() @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + (self.dropout(x) @ self.lora_A.weight.T.detach() @ self.lora_B.weight.T) * self.scaling
 
 
 class DropoutAfterA(LinearMatmulKaiming):
     def forward(self, x):
         if self.merged:
-            return self.base(x)
-        return self.base(x) + (self.dropout(x @ self.lora_A.weight.T) @ self.lora_B.weight.T) * self.scaling
+            return self.base_layer(x)
+        return self.base_layer(x) + (self.dropout(x @ self.lora_A.weight.T) @ self.lora_B.weight.T) * self.scaling
 
 
 class HardCodedDropout(LinearMatmulKaiming):
@@ -181,9 +181,9 @@ class HardCodedDropout(LinearMatmulKaiming):
 class DropoutWithoutRescaling(LinearMatmulKaiming):
     def forward(self, x):
         if self.merged:
-            return self.base(x)
+            return self.base_layer(x)
         keep = (torch.rand_like(x) >= self.dropout.p).to(x.dtype) if self.training else 1.0
-        return self.base(x) + ((x * keep) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
+        return self.base_layer(x) + ((x * keep) @ self.lora_A.weight.T @ self.lora_B.weight.T) * self.scaling
 
 
 class Only2d(ParamEinsumGaussian):
@@ -271,3 +271,45 @@ def test_hints_of_chapters_00_to_02_come_in_tiers(name, capsys):
         shown.append(capsys.readouterr().out)
     assert f"Hint 1 of {levels}" in shown[0] and "hint(2)" in shown[0]
     assert len(set(shown)) == levels and "`return" not in shown[0]  # the nudge gives no code away
+
+
+class ChapterTwoSpelling(nn.Module):
+    """The base kept as `self.base`, the name chapter 02 used before it taught PEFT's: still correct."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / 3)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.scaling, self.dropout, self.merged = alpha / r, nn.Dropout(dropout), False
+
+    def forward(self, x):
+        out = self.base(x)
+        return out if self.merged else out + self.scaling * self.dropout(x) @ self.lora_A.T @ self.lora_B.T
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += self.scaling * self.lora_B @ self.lora_A
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.scaling * self.lora_B @ self.lora_A
+            self.merged = False
+
+
+def test_the_check_finds_the_frozen_base_whatever_it_is_called():
+    layer = ChapterTwoSpelling(nn.Linear(4, 3), 2, 4.0)
+    assert "base" in dict(layer.named_children()) and "base_layer" not in dict(layer.named_children())
+    assert check.lora_linear.run(ChapterTwoSpelling).status == "passed"
+
+
+def test_the_hints_and_the_solution_use_peft_names(capsys):
+    check.lora_linear.hint(2)
+    check.lora_linear.hint(3)
+    check.lora_linear.solution()
+    out = capsys.readouterr().out
+    assert "self.base_layer" in out and "get_delta_weight" in out
+    assert "self.base(" not in out and "self.base." not in out and " delta_weight(" not in out

@@ -24,7 +24,7 @@ class OnLoRALinear(LoRALinear):
     def __init__(self, base, r, alpha, num_basis_A, num_basis_B, seed, dropout=0.0):
         self.num_basis_A, self.num_basis_B = num_basis_A, num_basis_B
         self.seed_A, self.seed_B = derive_seed(seed, "lora_A"), derive_seed(seed, "lora_B")
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout=dropout)
 
     def init_factors(self):
         self.lora_A_coefficients = nn.Parameter(torch.randn(self.num_basis_A) / 10)

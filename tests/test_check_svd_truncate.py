@@ -50,7 +50,7 @@ def test_correct_answers_pass(answer):
 
 def test_the_reference_meets_eckart_young_on_the_checks_cases():
     """The reference the check compares with: error = norm of the dropped singular values, against torch's SVD."""
-    from course.check.merging import _svd_cases
+    from course.check.svd import _svd_cases
 
     for _, delta, rank in _svd_cases():
         A, B = svd_truncate(delta, rank)

@@ -1,4 +1,5 @@
-"""Checks for notebook 02, LoRA from scratch: ``check.lora_linear`` and ``check.inject_lora``.
+"""Checks for notebook 02, LoRA from scratch: ``check.lora_linear`` here, ``check.inject_lora`` in
+``course.check.inject`` (re-exported here).
 
 The check judges what the learner's layer does, never how it is spelled: A and B
 may be ``nn.Parameter``s or bias-free ``nn.Linear``s, the maths einsum or matmul,
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from course.check.core import Failure, check, expect
-from course.surgery import matches_target
 
 R, ALPHA = 3, 6.0  # scaling alpha / r = 2, unlike alpha (6) or alpha / sqrt(r) (3.46)
 SCALING = ALPHA / R
@@ -110,7 +110,7 @@ def _randomise(A: torch.Tensor, B: torch.Tensor) -> None:
 
 
 _NO_BIAS = ("The base layer's bias is missing from your output: call the base layer "
-            "(`self.base(x)`), which adds its bias, rather than x @ W.T alone.")
+            "(`self.base_layer(x)`), which adds its bias, rather than x @ W.T alone.")
 
 
 def _forward_any_batch(layer, x: torch.Tensor) -> torch.Tensor:
@@ -282,16 +282,20 @@ def _check_merge(answer, shape) -> None:
 @check(
     "lora_linear",
     hint=[
-        "Follow eq. 3 piece by piece: keep the base layer and freeze it; A takes in_features down to r "
+        "Follow eq. 3 piece by piece: keep the base layer (as `self.base_layer`, PEFT's name) and freeze it; "
+        "A takes in_features down to r "
         "numbers, B takes them up to out_features; the layer returns base(x) plus the scaled LoRA branch. "
         "Start with B = 0 so that the new layer begins as the base layer.",
-        "Make `self.lora_A = nn.Linear(base.in_features, r, bias=False)` (random by default) and "
+        "Keep `self.base_layer = base.requires_grad_(False)`. Make "
+        "`self.lora_A = nn.Linear(base.in_features, r, bias=False)` (random by default) and "
         "`self.lora_B = nn.Linear(r, base.out_features, bias=False)` with `nn.init.zeros_` on its weight, "
         "`self.scaling = alpha / r` and `self.dropout = nn.Dropout(dropout)`. `merge()` and `unmerge()` "
         "change the base weight in place, under `torch.no_grad()`, and keep `self.merged` up to date.",
-        "Forward: `return self.base(x) if self.merged else self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) "
-        "* self.scaling`. `merge()`: `if not self.merged: self.base.weight += self.scaling * self.lora_B.weight "
-        "@ self.lora_A.weight; self.merged = True`; `unmerge()` subtracts the same product when merged.",
+        "Forward: `return self.base_layer(x) if self.merged else self.base_layer(x) + "
+        "self.lora_B(self.lora_A(self.dropout(x))) * self.scaling`. `get_delta_weight()` (PEFT's name): "
+        "`return self.scaling * self.lora_B.weight @ self.lora_A.weight`. `merge()`: `if not self.merged: "
+        "self.base_layer.weight += self.get_delta_weight(); self.merged = True`; `unmerge()` subtracts the "
+        "same product when merged.",
     ],
     solution=None,  # the solution notebook's answer, from the exercise manifest
     reference="course.lora:LoRALinear",
@@ -302,212 +306,6 @@ def lora_linear(answer):
            f"dropout=0.0), got {type(answer).__name__}. Pass the class itself: check.lora_linear(LoRALinear).")
     run_on_both_shapes(answer, (_check_construction, _check_forward, _check_gradients, _check_dropout,
                                 _check_merge), "of A and B uses in_features and which out_features")
-
-
-# ---------------------------------------------------------------------------
-# check.inject_lora: putting a LoRA layer into every targeted nn.Linear of a model
-# ---------------------------------------------------------------------------
-
-INJECT_R, INJECT_ALPHA = 2, 5.0  # distinct, so that swapped arguments show
-
-
-class _LlamaLike(nn.Module):
-    """Llama's names: layers.N.self_attn.{q,k,v,o}_proj, layers.N.mlp.{up,down}_proj, embed, norm, lm_head."""
-
-    def __init__(self, width: int = 6, blocks: int = 2):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(11, width)
-        self.layers = nn.ModuleList()
-        for _ in range(blocks):
-            block = nn.Module()
-            block.self_attn = nn.Module()
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(block.self_attn, name, nn.Linear(width, width, bias=False))
-            block.mlp = nn.Module()
-            block.mlp.up_proj, block.mlp.down_proj = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-            self.layers.append(block)
-        self.norm = nn.LayerNorm(width)
-        self.lm_head = nn.Linear(width, 11, bias=False)
-
-    def forward(self, ids):
-        x = self.embed_tokens(ids)
-        for block in self.layers:
-            a = block.self_attn
-            x = x + a.o_proj(a.v_proj(x) * a.q_proj(x).sigmoid() + a.k_proj(x))
-            x = x + block.mlp.down_proj(block.mlp.up_proj(x).relu())
-        return self.lm_head(self.norm(x))
-
-
-class _T5Like(nn.Module):
-    """T5's short names: block.N.attn.{q,k,v,o} and block.N.ff.{wi,wo}. The letter "o" is also in
-    "block" and "wo": only a match on the last part of a name picks the right layers."""
-
-    def __init__(self, width: int = 5, blocks: int = 2):
-        super().__init__()
-        self.block = nn.ModuleList()
-        for _ in range(blocks):
-            b = nn.Module()
-            b.attn = nn.Module()
-            for name in ("q", "k", "v", "o"):
-                setattr(b.attn, name, nn.Linear(width, width, bias=False))
-            b.ff = nn.Module()
-            b.ff.wi, b.ff.wo = nn.Linear(width, 3 * width, bias=False), nn.Linear(3 * width, width, bias=False)
-            self.block.append(b)
-
-    def forward(self, x):
-        for b in self.block:
-            x = x + b.attn.o(b.attn.q(x) * b.attn.k(x).tanh() + b.attn.v(x))
-            x = x + b.ff.wo(b.ff.wi(x).relu())
-        return x
-
-
-class _ViTLike(nn.Module):
-    """timm's ViT names: patch_embed.proj is an nn.Conv2d, blocks.N.attn.proj an nn.Linear, head at the top."""
-
-    def __init__(self, width: int = 8, blocks: int = 2):
-        super().__init__()
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, width, kernel_size=2, stride=2)
-        self.blocks = nn.ModuleList()
-        for _ in range(blocks):
-            b = nn.Module()
-            b.attn = nn.Module()
-            b.attn.qkv, b.attn.proj = nn.Linear(width, 3 * width), nn.Linear(3 * width, width)
-            b.mlp = nn.Module()
-            b.mlp.fc1, b.mlp.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-            self.blocks.append(b)
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, image):
-        x = self.patch_embed.proj(image).flatten(2).transpose(1, 2)  # (batch, patches, width)
-        for b in self.blocks:
-            x = x + b.attn.proj(b.attn.qkv(x).tanh())
-            x = x + b.mlp.fc2(b.mlp.fc1(x).relu())
-        return self.head(x.mean(1))
-
-
-def _inject_cases():
-    torch.manual_seed(0)
-    yield "a Llama-like model, targets ['q_proj', 'v_proj']", _LlamaLike(), ["q_proj", "v_proj"], torch.tensor([[1, 4, 2, 9]])
-    yield "a T5-like model, targets ['q', 'o']", _T5Like(), ["q", "o"], torch.randn(2, 3, 5)
-    yield ("a ViT-like model, targets ['qkv', 'proj', 'head']", _ViTLike(), ["qkv", "proj", "head"],
-           torch.randn(2, 3, 4, 4))
-
-
-def _spy_layer(made: list):
-    """The ``layer`` the check passes: a minimal LoRA layer that notes what it wraps.
-
-    It does not freeze its base layer (freezing is ``inject``'s job here) and starts with
-    B = 0, so a model with it in the right places computes what it computed before.
-    """
-
-    class CheckLoRA(nn.Module):
-        def __init__(self, base, r, alpha, dropout=0.0):
-            super().__init__()
-            made.append((base, r, alpha))
-            self.base = base
-            self.scaling = alpha / r
-            if isinstance(base, nn.Linear):
-                rank = max(1, int(r))  # even when r and alpha come swapped: the check says so afterwards
-                self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / 3)
-                self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-
-        def forward(self, x):
-            out = self.base(x)
-            if isinstance(self.base, nn.Linear):
-                out = out + self.scaling * x @ self.lora_A.T @ self.lora_B.T
-            return out
-
-    return CheckLoRA
-
-
-def _names(names) -> str:
-    names = sorted(names)
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
-def _judge_injection(answer, label, model, targets, x) -> None:
-    originals = dict(model.named_modules())
-    with torch.no_grad():
-        before = model(x)
-    linear = {n for n, m in originals.items() if n and isinstance(m, nn.Linear)}
-    want = {n for n in linear if matches_target(n, targets)}  # PEFT's rule; the last name part, for plain names
-    made: list = []
-    spy = _spy_layer(made)
-    got_model = answer(model, list(targets), INJECT_R, INJECT_ALPHA, layer=spy)
-    expect(got_model is not None, f"For {label} your function returned None. Return the model (changing "
-           "it in place and returning it is fine): `return model`.")
-    expect(isinstance(got_model, nn.Module), f"For {label} your function returned a "
-           f"{type(got_model).__name__}; return the model itself.")
-    name_of = {id(m): n for n, m in originals.items()}
-    wrapped_bases = [base for base, _, _ in made]
-    not_linear = [f"{name_of.get(id(b), '?')} (an nn.{type(b).__name__})" for b in wrapped_bases
-                  if not isinstance(b, nn.Linear)]
-    expect(not not_linear, f"For {label} you wrapped {', '.join(not_linear)}: `layer` is a LoRA layer for "
-           "nn.Linear only. Keep the name test, and add `isinstance(module, nn.Linear)`.")
-    if not made:
-        others = [n for n, m in got_model.named_modules() if hasattr(m, "lora_A")]
-        expect(not others, f"For {label} your function did not use the `layer` it was given: it put other "
-               "LoRA layers in. Build each wrapper with `layer(module, r, alpha)`, whatever class is passed.")
-    placed = {n for n, m in got_model.named_modules() if isinstance(m, spy)}
-    misplaced = sorted(n for n in placed if "." in n and _get(got_model, n) is not dict(got_model.named_modules())[n])
-    if misplaced or (made and not placed):
-        raise Failure(f"For {label} you made LoRA layers but they are not where the old layers were "
-                      f"({_names(misplaced) or 'nowhere in the model'}). `setattr(model, 'layers.0.q_proj', new)` "
-                      "adds an attribute with dots in its name; set the new layer on the parent instead: "
-                      "`setattr(model.get_submodule(parent_name), child_name, new)`.")
-    for _, r, alpha in made:
-        expect((r, alpha) != (INJECT_ALPHA, INJECT_R), f"For {label} your layers got r={r}, alpha={alpha}: "
-               "r and alpha are swapped. Call `layer(module, r, alpha)` in that order.")
-        expect((r, alpha) == (INJECT_R, INJECT_ALPHA), f"For {label} your layers got r={r}, alpha={alpha}, "
-               f"not the r={INJECT_R}, alpha={INJECT_ALPHA} passed to inject. Pass them on: `layer(module, r, alpha)`.")
-    if placed != want:
-        substring = {n for n in linear if any(t in n for t in targets)}
-        suffix = {n for n in linear if any(n.endswith(t) for t in targets)}
-        if placed == substring != want:
-            raise Failure(f"For {label} you wrapped {_names(placed - want)} too: you matched a target anywhere in "
-                          "the name (`t in name`). A module is a target when the last part of its name is one: "
-                          "`name.rpartition('.')[2] in targets`.")
-        if placed == suffix != want:
-            raise Failure(f"For {label} you wrapped {_names(placed - want)} too: `name.endswith(t)` also matches "
-                          "names that merely end in the same letters. Compare the last part of the name: "
-                          "`name.rpartition('.')[2] in targets`.")
-        if placed and all("." not in n for n in placed):
-            raise Failure(f"For {label} you wrapped only top-level modules ({_names(placed)}), not "
-                          f"{_names(want - placed)}: `model.named_children()` sees one level only. "
-                          "`model.named_modules()` walks the whole tree, with dotted names.")
-        if not placed:
-            raise Failure(f"For {label} you wrapped nothing; the targets are {_names(want)}. Walk "
-                          "`model.named_modules()` (every module, with dotted names such as "
-                          "`layers.0.self_attn.q_proj`; `named_children()` sees one level only) and wrap each "
-                          "nn.Linear whose last name part is in targets.")
-        extra, missing = placed - want, want - placed
-        raise Failure(f"For {label} the wrapped layers are not the targets"
-                      + (f"; wrapped but not targets: {_names(extra)}" if extra else "")
-                      + (f"; targets not wrapped: {_names(missing)}" if missing else "")
-                      + ". A target is an nn.Linear whose last name part is in targets.")
-    params = dict(got_model.named_parameters())
-    lora = [n for n in params if "lora_" in n]
-    frozen_lora = [n for n in lora if not params[n].requires_grad]
-    expect(not frozen_lora, f"For {label} the LoRA parameters are frozen ({_names(frozen_lora)}): nothing "
-           "would train. Set `requires_grad` to `'lora_' in name` for each parameter.")
-    trainable = [n for n, p in params.items() if "lora_" not in n and p.requires_grad]
-    expect(not trainable, f"For {label} the base model is still trainable ({_names(trainable)}): full "
-           "fine-tuning plus LoRA. Freeze every parameter whose name does not contain 'lora_': "
-           "`p.requires_grad_('lora_' in name)` over `model.named_parameters()`.")
-    with torch.no_grad():
-        after = got_model(x)
-    expect(after.shape == before.shape and torch.allclose(after, before, atol=1e-6),
-           f"For {label} the model computes something else after your injection, though B = 0. "
-           "Wrap the module you found, unchanged: `layer(module, r, alpha)`.")
-
-
-def _get(model: nn.Module, dotted: str):
-    """The module at a dotted path, following attributes (None if there is none)."""
-    try:
-        return model.get_submodule(dotted)
-    except AttributeError:
-        return None
 
 
 def run_on_both_shapes(answer, steps, what_to_check: str) -> None:
@@ -531,48 +329,4 @@ def run_on_both_shapes(answer, steps, what_to_check: str) -> None:
                               f"{what_to_check}.\n\n{exc}") from exc
 
 
-def _inject_solution(model, targets, r, alpha, layer=None):
-    """The reference: wrap each targeted nn.Linear in ``layer`` (default: course.lora.LoRALinear),
-    then train only the parameters named lora_."""
-    from course.lora import LoRALinear
-
-    layer = layer or LoRALinear
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer(module, r, alpha))
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model
-
-
-@check(
-    "inject_lora",
-    hint=[
-        "`model.named_modules()` yields every module with its dotted name, such as "
-        "`layers.0.self_attn.q_proj`. A module is a target when it is an `nn.Linear` and the last "
-        "part of its name is in `targets`. Then freeze what is not LoRA.",
-        "Collect the matches first (`list(model.named_modules())`), then swap each one on its parent: "
-        "`parent_name, _, child = name.rpartition('.')` and "
-        "`setattr(model.get_submodule(parent_name), child, layer(module, r, alpha))`. Finally "
-        "`p.requires_grad_('lora_' in name)` for every `name, p in model.named_parameters()`, and "
-        "`return model`.",
-        "```python\n"
-        "for name, module in list(model.named_modules()):\n"
-        "    if isinstance(module, nn.Linear) and name.rpartition('.')[2] in targets:\n"
-        "        parent, _, child = name.rpartition('.')\n"
-        "        setattr(model.get_submodule(parent), child, layer(module, r, alpha))\n"
-        "for name, p in model.named_parameters():\n"
-        "    p.requires_grad_('lora_' in name)\n"
-        "return model\n```",
-    ],
-    solution=None,  # the solution notebook's answer, from the exercise manifest
-    reference="course.check.lora:_inject_solution",
-)
-def inject_lora(answer):
-    """``answer(model, targets, r, alpha, layer)``: ``layer(module, r, alpha)`` in place of every
-    nn.Linear whose last name part is in ``targets``, only ``lora_`` parameters trainable, the model returned."""
-    expect(callable(answer), f"Expected a function inject(model, targets, r, alpha, layer), got {type(answer).__name__}.")
-    with torch.random.fork_rng():
-        for label, model, targets, x in _inject_cases():
-            _judge_injection(answer, label, model, targets, x)
+from course.check.inject import inject_lora  # noqa: E402, F401 (check.inject_lora, chapter 02's second check)

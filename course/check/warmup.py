@@ -42,7 +42,7 @@ def _solution(model) -> int:
         "`return sum(p.numel() for p in model.parameters() if p.requires_grad)`",
     ],
     solution=_solution,
-    reference="course.check.warmup:_solution",
+    reference="course.models:count_trainable",
 )
 def count_trainable(answer):
     """``answer(model) -> int``: the number of trainable entries, each shared tensor once."""
