@@ -20,7 +20,7 @@ import ast
 
 from course.definitions import cell_source_for_ast
 
-REFERENCE_MODULES = ("course.lora", "course.dora", "course.olora", "course.nola", "course.merging", "course.rlhf",
+REFERENCE_MODULES = ("course.lora", "course.dora", "course.olora", "course.nola", "course.nola_basis", "course.merging", "course.rlhf", "course.distributed",
                      "course.adapters", "course.check", "course.grade", "course.definitions")
 #: Names that are suspicious where they start a dotted name (after the imports are resolved) ...
 SUSPICIOUS = {"sys._getframe": "stack frames", "inspect": "stack frames (inspect)", "gc": "the garbage collector (gc)",
