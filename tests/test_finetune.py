@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from course import finetune
+from course import finetune, finetune_output
 from course.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,7 +330,7 @@ def test_a_read_only_folder_is_refused_before_the_model_loads(tiny_model, tmp_pa
             def read_only(*args, **kwargs):
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(finetune.tempfile, "mkstemp", read_only)
+            monkeypatch.setattr(finetune_output.tempfile, "mkstemp", read_only)
         assert main(small(tiny_model, locked)) == 2
         assert main(small(tiny_model, locked / "inside")) == 2  # a read-only parent
     finally:
@@ -345,7 +345,7 @@ def test_a_full_disk_is_refused_before_the_model_loads(tiny_model, tmp_path, cap
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(finetune.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(finetune_output.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
     out = tmp_path / "full"
     assert main(small(tiny_model, out)) == 2
     err = capsys.readouterr().err
