@@ -23,7 +23,8 @@ INK = "#222222"
 STAGES = [
     ("SFT", "SFTTrainer", "demonstrations:\nquestion -> right sum", "loss on the reply tokens"),
     ("DPO", "DPOTrainer", "pairs: right sum vs\na plausible mistake", "reference = adapter off"),
-    ("GRPO", "GRPOTrainer", "4 sampled answers per\nquestion, scored by a rule", "advantage = reward - group mean"),
+    ("GRPO", "GRPOTrainer", "4 sampled answers per\nquestion, scored by two rules",
+     "advantage = (reward - group mean)\n/ (group's sample std + 1e-4)"),
 ]
 
 
