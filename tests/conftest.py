@@ -10,6 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "agg")
 
+# `make test` runs the suite in two pytest-xdist workers (``-n 2``): a test that waits on a kernel,
+# a subprocess or Python code leaves its core to the other. Each worker, and every notebook kernel
+# and subprocess it starts, gets its share of the cores as torch threads (set before torch is
+# imported), so two workers never oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(_threads))
+
 
 @pytest.fixture(scope="session")
 def base_model():
@@ -33,8 +42,8 @@ def make_tiny_model(out, *, seed: int = 0):
     """A random LlamaForCausalLM of SmolLM2's architecture with tiny layers, saved to ``out``.
 
     Same class, vocabulary, tokenizer and chat template as the base model, same module names
-    (``model.layers.N.self_attn.q_proj`` ...), but hidden size 16 and two layers (0.8 M
-    parameters instead of 134.5 M): code that runs on it runs on the real model's code path.
+    (``model.layers.N.self_attn.q_proj`` ...) and all 30 blocks, but hidden size 64 (4.4 M
+    parameters instead of 134.5 M, most of them the 49,152-token embedding): code that runs on it runs on the real model's code path.
     For exercising code only, never for results. ``COURSE_MODEL=out`` points the notebooks at it.
     """
     import shutil
@@ -84,10 +93,13 @@ def pytest_runtest_logreport(report):
     _pass_seconds[name] = _pass_seconds.get(name, 0.0) + report.duration
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
     if not _pass_seconds:
         return
+    workers = getattr(config.option, "numprocesses", None)
     terminalreporter.section("time per pass")
+    if workers:
+        terminalreporter.write_line(f"(seconds summed over the tests; {workers} workers ran them side by side)")
     for name in ("the rest", *PASSES.values()):
         if name in _pass_seconds:
             terminalreporter.write_line(f"{name:28s}{_pass_seconds[name]:8.0f} s")

@@ -34,7 +34,7 @@ def test_the_half_precision_plan_is_named_for_both_paths(monkeypatch, native):
     monkeypatch.setattr(runs, "BF16", runs.BF16.__class__(native, "test"))
     plan = runs.half_precision_plan()
     assert ("native" if native else "emulated") in plan
-    assert ("small random Llama" in plan) is (not native)
+    assert ("small random Llama" in plan) is (not native) and "once in 3 days" in plan
     assert runs.timing_key("solution-bf16", "02_lora_from_scratch") == (
         "solution-bf16" if native else "solution-bf16-tiny")
     assert runs.timing_key("solution", "02_lora_from_scratch") == "solution"
@@ -74,21 +74,21 @@ def test_recording_writes_the_processor_beside_the_seconds(tmp_path, monkeypatch
     assert row["seconds"] == 12.3 and row["processor"] and row["kind"] == "student"
 
 
-def test_the_emulated_rotation_covers_every_notebook_in_rotation_days(monkeypatch):
+def test_the_bf16_rotation_covers_every_notebook_in_rotation_days(monkeypatch):
     import datetime
 
     monkeypatch.delenv("COURSE_BF16_NOTEBOOKS", raising=False)
     day = datetime.date(2026, 12, 3)
-    shares = [runs.emulated_share(day + datetime.timedelta(days=k)) for k in range(runs.ROTATION)]
+    shares = [runs.bf16_share(day + datetime.timedelta(days=k)) for k in range(runs.ROTATION)]
     assert set().union(*shares) == {p.stem for p in runs.SOLUTIONS}
     assert all(shares) and sum(map(len, shares)) == len(runs.SOLUTIONS), "each notebook once per rotation"
 
 
-def test_the_emulated_share_can_be_chosen(monkeypatch):
+def test_the_bf16_share_can_be_chosen(monkeypatch):
     monkeypatch.setenv("COURSE_BF16_NOTEBOOKS", "all")
-    assert len(runs.emulated_share()) == len(runs.SOLUTIONS)
+    assert len(runs.bf16_share()) == len(runs.SOLUTIONS)
     monkeypatch.setenv("COURSE_BF16_NOTEBOOKS", "02, 05")
-    assert {s[:2] for s in runs.emulated_share()} == {"02", "05"}
+    assert {s[:2] for s in runs.bf16_share()} == {"02", "05"}
     monkeypatch.setenv("COURSE_BF16_NOTEBOOKS", "99")
     with pytest.raises(ValueError, match="names no notebook"):
-        runs.emulated_share()
+        runs.bf16_share()

@@ -8,14 +8,17 @@
   How depends on the processor (``course.device.cpu_bfloat16``; ``COURSE_CPU_BFLOAT16=native|emulated``
   forces either path on any machine):
 
-  * bfloat16 native (AVX512-BF16, AMX): every notebook on the real base model, as on a GPU;
+  * bfloat16 native (AVX512-BF16, AMX): every third notebook (``ROTATION``, by the day) on the real
+    base model, as on a GPU (all nine took 10-11 minutes of the suite's 30; a third, 3-4);
   * bfloat16 emulated (AVX2-only x86: over a hundred times slower than float32, which would take
-    hours): the notebooks on a small random Llama of SmolLM2's architecture, tokenizer and module
-    names (``conftest.make_tiny_model``), so every cell still runs its half-precision code path,
-    with the course's adapters rebuilt for it (``COURSE_ADAPTERS``, ``conftest.tiny_adapters_dir``).
-    Even so, emulated bfloat16 makes its 49,152-token output layer slow, so each run takes every
-    third notebook, in rotation by the day (``ROTATION``); the others are skipped, saying so.
-    ``COURSE_BF16_NOTEBOOKS=all`` (or a list of prefixes, ``02,05``) chooses them instead.
+    hours): the same share on a small random Llama of SmolLM2's architecture, tokenizer and module
+    names (``conftest.make_tiny_model``), so every cell still runs its half-precision code path, with
+    the course's adapters rebuilt for it (``COURSE_ADAPTERS``, ``conftest.tiny_adapters_dir``).
+
+  The other notebooks are skipped, saying so, and take their turn on the next days: every notebook
+  goes through bfloat16 once in ``ROTATION`` days. (The small model is no shortcut where bfloat16 is
+  native: its random replies always run to their full length; chapter 01 ran 416 s on it, on a
+  loaded machine.) ``COURSE_BF16_NOTEBOOKS=all`` (or a list of prefixes, ``02,05``) chooses the share.
 - ``student``: as a learner first opens it, with ``COURSE_QUICK=1``: every check must report
   "not attempted", so a stub can never pass, and every later cell must still run on the
   reference answers the notebook falls back to. What this guards is the notebook's plumbing, not
@@ -53,7 +56,7 @@ TIMES = json.loads((Path(__file__).with_name("notebook_times.json")).read_text()
 LIMIT_FACTOR, LIMIT_SLACK, UNMEASURED_LIMIT = 3.0, 60.0, 600.0
 BF16 = cpu_bfloat16()
 
-ROTATION = 3  # bfloat16 emulated: each run takes every ROTATION-th notebook, by the day
+ROTATION = 3  # the bfloat16 pass takes every ROTATION-th notebook the full way, by the day
 SOLUTIONS = notebooks.solution_paths()
 CASES = ([("solution", p) for p in SOLUTIONS] + [("solution-bf16", p) for p in SOLUTIONS]
          + [("student", notebooks.NOTEBOOKS / p.name) for p in SOLUTIONS])
@@ -66,16 +69,19 @@ SETTINGS = {  # kind -> (COURSE_STRICT_CHECKS, COURSE_QUICK, COURSE_DTYPE)
 
 def half_precision_plan() -> str:
     """The sentence the test output shows about the bfloat16 pass."""
+    share = ", ".join(sorted(s[:2] for s in bf16_share()))
     if BF16.native:
-        return f"{BF16}: running the solution notebooks on the real base model in bfloat16"
-    share = ", ".join(sorted(s[:2] for s in emulated_share()))
+        return (f"{BF16}: running solution notebooks {share} in bfloat16 on the real base model; the others "
+                f"take their turn on other days (every notebook once in {ROTATION} days)")
     return (f"{BF16}: running solution notebooks {share} in bfloat16 on a small random Llama of "
-            "SmolLM2's architecture, with the course's adapters rebuilt for it")
+            "SmolLM2's architecture, with the course's adapters rebuilt for it; the others take their turn "
+            f"on other days (every notebook once in {ROTATION} days)")
 
 
-def emulated_share(today: datetime.date | None = None) -> set[str]:
-    """The notebooks this run takes through bfloat16 when it is emulated: ``COURSE_BF16_NOTEBOOKS``
-    (``all``, or prefixes such as ``02,05``), else every ``ROTATION``-th one, starting by the day."""
+def bf16_share(today: datetime.date | None = None) -> set[str]:
+    """The notebooks this run takes through bfloat16 (on the real model where bfloat16 is native, on
+    the small one where it is emulated): ``COURSE_BF16_NOTEBOOKS`` (``all``, or prefixes such
+    as ``02,05``), else every ``ROTATION``-th one, starting by the day."""
     stems = [p.stem for p in SOLUTIONS]
     chosen = os.environ.get("COURSE_BF16_NOTEBOOKS", "").strip()
     if chosen == "all":
@@ -91,7 +97,9 @@ def emulated_share(today: datetime.date | None = None) -> set[str]:
 
 
 def timing_key(kind: str, stem: str) -> str:
-    """Which measured time a run is held to: the bfloat16 pass on the tiny model is its own kind."""
+    """Which measured time a run is held to, and so which model it runs on: the bfloat16 pass runs on
+    the real model where bfloat16 is native (``solution-bf16``), on the small one where it is emulated
+    (``solution-bf16-tiny``)."""
     return "solution-bf16-tiny" if kind == "solution-bf16" and not BF16.native else kind
 
 
@@ -160,8 +168,8 @@ def test_notebook_runs(kind, path, tmp_path, request):
     strict, quick, dtype = SETTINGS[kind]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COURSE_CHECK_LOG": str(log), "MPLBACKEND": "agg",
            "COURSE_STRICT_CHECKS": strict, "COURSE_QUICK": quick, "COURSE_DTYPE": dtype}
-    if kind == "solution-bf16" and not BF16.native and path.stem not in emulated_share():
-        pytest.skip(f"{BF16}: this run's bfloat16 share is {sorted(emulated_share())}; {path.stem} takes "
+    if kind == "solution-bf16" and path.stem not in bf16_share():
+        pytest.skip(f"{BF16}: this run's bfloat16 share is {sorted(bf16_share())}; {path.stem} takes "
                     "its turn on another day (COURSE_BF16_NOTEBOOKS=all runs every one)")
     if kind == "solution-bf16":
         path = _without_output_checks(path, tmp_path)
