@@ -137,7 +137,6 @@ def _grpo_inputs(rewards, group_size, scale_rewards) -> tuple[torch.Tensor, str]
 # `course.rlhf.X` is the one name the notebook uses.
 from course.memory import memory_growth, resident_bytes, tensor_bytes  # noqa: E402, F401 (re-exported)
 from course.rlhf_eval import (  # noqa: E402, F401 (re-exported)
-    _compare_models,
     completion_logps,
     preference_logps,
     probe_inputs,
