@@ -34,6 +34,7 @@ from torch import nn
 
 from course import peft_format  # the file format: part of this interface
 from course.peft_format import load_peft_adapter, save_peft_adapter
+from course.surgery import adapter_layers as lora_layers  # the one rule for what counts as a layer
 from course.surgery import as_targets, is_adapted, matches_target, plain_modules, replace_module
 
 __all__ = [
@@ -337,11 +338,6 @@ def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
         if isinstance(module, base_type):
             return lora_class
     return None
-
-
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: layer}`` for every LoRA layer in ``model`` (the course's, or a learner's with ``lora_A``)."""
-    return {name: m for name, m in plain_modules(model).items() if name and is_adapted(m)}
 
 
 def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, *,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from course.files import atomic_directory
-from course.surgery import is_adapted, matches_target, plain_modules, replace_module
+from course.surgery import adapter_layers, is_adapted, matches_target, plain_modules, replace_module
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PEFT's prefix for the wrapped model's module names
@@ -106,9 +106,17 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
     empty (``"."`` included) or an adapter folder; a file or a folder of other things is
     refused, never replaced. Returns the directory.
     """
-    layers = {name: m for name, m in model.named_modules() if is_peft_layer(m)}
+    layers = adapter_layers(model)  # the layers lora_layers counts, no more, no fewer
     if not layers:
         raise ValueError("The model has no LoRA layers: call inject_lora first.")
+    unwritable = {name: type(m).__name__ for name, m in layers.items() if not is_peft_layer(m)}
+    if unwritable:
+        named = ", ".join(f"{name} ({kind})" for name, kind in list(unwritable.items())[:3])
+        raise ValueError(f"{len(unwritable)} of the model's {len(layers)} LoRA layers cannot be written in PEFT's "
+                         f"format: {named}{', ...' if len(unwritable) > 3 else ''} have no peft_state() method. "
+                         "save_peft_adapter writes the course's layer classes (course.lora.LoRALinear, DoRALinear, "
+                         "...): copy your layers' A and B into a model built with course.lora.inject_lora and save "
+                         "that (notebook 02, section 8).")
     if len({m.rslora for m in layers.values()}) > 1:
         raise ValueError("Some LoRA layers use rsLoRA scaling and some do not; a PEFT config holds one.")
     flags = {json.dumps(getattr(m, "peft_flags", {}), sort_keys=True) for m in layers.values()}

@@ -19,7 +19,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["as_targets", "is_adapted", "matches_target", "plain_modules", "replace_module", "targeted_names"]
+__all__ = ["adapter_layers", "as_targets", "is_adapted", "matches_target", "plain_modules", "replace_module",
+           "targeted_names"]
 
 
 def as_targets(target_modules) -> list[str]:
@@ -65,6 +66,16 @@ def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
             inside.append(name)
         out[name] = module
     return out
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` for every adapter layer of ``model``: the one rule for what counts as a layer.
+
+    A layer is a named module that ``is_adapted`` (the course's, PEFT's or a learner's), outside any
+    other adapter layer (its ``base_layer`` is not a second one). ``course.lora.lora_layers``,
+    ``course.nola.nola_layers``, OLoRA's ``to_lora`` and ``save_peft_adapter`` all start from it.
+    """
+    return {name: m for name, m in plain_modules(model).items() if name and is_adapted(m)}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
