@@ -50,7 +50,7 @@ from course.nola_basis import (  # noqa: F401  (re-exported: the basis is part o
     generate_params,
     random_basis,
 )
-from course.surgery import adapter_layers, plain_modules, replace_module
+from course.surgery import adapter_layers, swap_in
 
 __all__ = [
     "GENERATOR",
@@ -273,34 +273,24 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
                          + "; ".join(part for part in (missing and f"missing {', '.join(missing[:3])}",
                                                        extra and f"unexpected {', '.join(extra[:3])}") if part)
                          + ". The adapter is damaged (renamed keys?): save it again with save_nola.")
-    modules = plain_modules(model)
-    was_trainable = {p: p.requires_grad for p in model.parameters()}
-    new = {}
-    try:
-        for name, entry in config["layers"].items():
-            spec = {**{key: config[key] for key in _SHARED if key in config}, **entry}
-            base = modules.get(name)
-            if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
-                raise ValueError(f"The adapter has a layer {name!r}, which is not a plain nn.Linear in this model: "
-                                 "load it into the base model it was trained on.")
-            if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
-                raise ValueError(f"{name} is {base.in_features} -> {base.out_features} here but "
-                                 f"{spec['in_features']} -> {spec['out_features']} in the adapter: another base model.")
-            layer = NOLALoRALinear(base, spec["r"], spec["alpha"], num_basis_A=spec["num_basis_A"],
-                                   num_basis_B=spec["num_basis_B"], seed=spec["seed"],
-                                   dropout=spec.get("dropout", 0.0), rslora=spec.get("rslora", False))
-            with torch.no_grad():
-                for part in ("lora_A_coefficients", "lora_B_coefficients"):
-                    saved, own = tensors[f"{name}.{part}"], getattr(layer, part)
-                    if saved.shape != own.shape:
-                        raise ValueError(f"{name}.{part} has shape {tuple(saved.shape)} in the file, the config "
-                                         f"says {tuple(own.shape)}: the adapter is damaged.")
-                    own.copy_(saved)
-            new[name] = layer
-    except Exception:
-        for p, flag in was_trainable.items():  # building a layer froze its base: undo that
-            p.requires_grad_(flag)
-        raise
-    for name, layer in new.items():
-        replace_module(model, name, layer)
-    return model
+    def build(name: str, base: nn.Module | None) -> NOLALoRALinear:
+        spec = {**{key: config[key] for key in _SHARED if key in config}, **config["layers"][name]}
+        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+            raise ValueError(f"The adapter has a layer {name!r}, which is not a plain nn.Linear in this model: "
+                             "load it into the base model it was trained on.")
+        if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{name} is {base.in_features} -> {base.out_features} here but "
+                             f"{spec['in_features']} -> {spec['out_features']} in the adapter: another base model.")
+        layer = NOLALoRALinear(base, spec["r"], spec["alpha"], num_basis_A=spec["num_basis_A"],
+                               num_basis_B=spec["num_basis_B"], seed=spec["seed"],
+                               dropout=spec.get("dropout", 0.0), rslora=spec.get("rslora", False))
+        with torch.no_grad():
+            for part in ("lora_A_coefficients", "lora_B_coefficients"):
+                saved, own = tensors[f"{name}.{part}"], getattr(layer, part)
+                if saved.shape != own.shape:
+                    raise ValueError(f"{name}.{part} has shape {tuple(saved.shape)} in the file, the config "
+                                     f"says {tuple(own.shape)}: the adapter is damaged.")
+                own.copy_(saved)
+        return layer
+
+    return swap_in(model, config["layers"], build)  # every layer checked before the model changes

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from course.files import atomic_directory
-from course.surgery import adapter_layers, is_adapted, matches_target, plain_modules, replace_module
+from course.surgery import adapter_layers, is_adapted, matches_target, plain_modules, swap_in
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PEFT's prefix for the wrapped model's module names
@@ -319,26 +319,10 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     _check_against_config(directory, config, groups)
 
     _load_layer_modules()
-    modules = plain_modules(model)
-    was_trainable = {p: p.requires_grad for p in model.parameters()}
-    # OLoRA layers change their base weight when built: keep the originals to put back on failure.
-    originals = ({name: modules[name].weight.detach().clone() for name in groups
-                  if isinstance(modules.get(name), nn.Linear)}
-                 if getattr(_linear_class(config), "changes_base_weight", False) else {})
-    new_layers = {}
-    try:
-        for name, state in sorted(groups.items()):
-            new_layers[name] = _layer_from_peft(name, state, modules.get(name), config, made_for)
-    except Exception:
-        for p, flag in was_trainable.items():  # building a layer froze its base: undo that
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for name, weight in originals.items():
-                modules[name].weight.copy_(weight)
-        raise
-    for name, layer in new_layers.items():  # everything fitted: now change the model
-        replace_module(model, name, layer)
-    return model
+    # OLoRA layers change their base weight when built: swap_in puts the originals back on failure.
+    return swap_in(model, sorted(groups), lambda name, module: _layer_from_peft(name, groups[name], module, config,
+                                                                                made_for),
+                   changes_base_weight=getattr(_linear_class(config), "changes_base_weight", False))
 
 
 def _pattern_value(patterns: dict, name: str, default):

@@ -220,3 +220,51 @@ def test_a_learners_layer_is_counted_and_named_when_it_cannot_be_written(tmp_pat
     only_mine = nn.ModuleDict({"mine": _LearnersLoRA(nn.Linear(6, 5))})
     with pytest.raises(ValueError, match=r"1 of the model's 1 LoRA layers"):  # not "no LoRA layers: inject_lora"
         save_peft_adapter(only_mine, tmp_path / "mine")
+
+
+class _Picky(LoRALinear):
+    """Builds like LoRALinear (freezing its base) and then refuses a narrow layer, as a rank check would."""
+
+    changes_base_weight = True
+
+    def __init__(self, base, r, alpha, **options):
+        super().__init__(base, r, alpha, **options)
+        with torch.no_grad():
+            base.weight.mul_(2)  # a base-changing initialisation (OLoRA's residual), before the refusal
+        if base.out_features < 3:
+            raise ValueError("too narrow for this layer")
+
+
+@pytest.mark.parametrize("inject", ["inject_lora", "inject_lora_linear"])
+def test_every_injection_is_all_or_none(inject):
+    """When one target fails, the model is as it was: no layer swapped, no base frozen or changed."""
+    import course.lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="too narrow"):
+        getattr(course.lora, inject)(model, ["0", "1"], 2, 4, layer=_Picky)
+    assert all(type(m) is nn.Linear for m in model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    getattr(course.lora, inject)(model, ["0"], 2, 4, layer=_Picky)  # the layer that fits goes in
+    assert isinstance(model[0], _Picky) and type(model[1]) is nn.Linear
+
+
+def test_swap_in_passes_none_for_a_missing_name_and_puts_everything_back_on_failure():
+    from course.surgery import swap_in
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    seen = {}
+
+    def build(name, module):
+        seen[name] = module
+        if module is None:
+            raise KeyError(f"no module {name}")
+        return LoRALinear(module, 2, 4)
+
+    with pytest.raises(KeyError, match="no module 7"):
+        swap_in(model, ["0", "1", "7"], build)
+    assert seen["7"] is None and seen["0"] is model[0]
+    assert all(type(m) is nn.Linear for m in model) and all(p.requires_grad for p in model.parameters())
+    assert swap_in(model, ["1"], build) is model and isinstance(model[1], LoRALinear)
