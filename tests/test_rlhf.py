@@ -46,7 +46,7 @@ def _dpo_trainer(tokenizer, pairs, beta: float):
 
     args = DPOConfig(**{**rlhf._common("test-dpo", 1, len(pairs), 1e-3, 0), "use_cpu": True, "bf16": False,
                         "fp16": False}, beta=beta, loss_type="sigmoid", max_length=64)
-    with rlhf.quiet_datasets():
+    with rlhf.quiet_progress():
         return DPOTrainer(model=_tiny_llama(tokenizer), args=args, train_dataset=pairs, processing_class=tokenizer,
                           peft_config=_random_lora())
 
@@ -210,7 +210,7 @@ def test_fit_trains_quietly_and_returns_the_logs(tokenizer, capsys):
     budget = rlhf.RLHFBudget(**{**rlhf.rlhf_budget("cpu").__dict__, "sft_steps": 2, "batch_size": 2})
     args = rlhf.sft_config(budget)
     args.use_cpu, args.bf16, args.fp16 = True, False, False
-    with rlhf.quiet_datasets():
+    with rlhf.quiet_progress():
         trainer = SFTTrainer(model=_tiny_llama(tokenizer), args=args, train_dataset=rlhf.sft_dataset("eval"),
                              processing_class=tokenizer, peft_config=_random_lora())
     run = rlhf.fit(trainer, "tiny SFT")
@@ -346,7 +346,7 @@ def grpo_run(tokenizer):
     args = GRPOConfig(**{**rlhf._common("test-grpo", 1, 3 * GROUP, 1e-3, 0), "use_cpu": True, "bf16": False,
                          "fp16": False}, num_generations=GROUP, max_completion_length=4, beta=0.0,
                       log_completions=False)
-    with rlhf.quiet_datasets():
+    with rlhf.quiet_progress():
         trainer = GRPOTrainer(model=_tiny_llama(tokenizer), reward_funcs=seeded_reward, args=args,
                               train_dataset=rlhf.grpo_dataset("eval").select(range(6)), processing_class=tokenizer)
     trainer.model.train()
@@ -411,3 +411,13 @@ def test_grpo_config_maps_the_boolean_aliases_as_we_do():
 def test_grpo_advantages_refuse_bad_input(args, phrase):
     with pytest.raises(ValueError, match=re.escape(phrase)):
         rlhf.grpo_advantages(*args)
+
+
+def test_one_name_for_each_helper():
+    """quiet_progress is the one context manager that silences the libraries' bars (its alias is gone),
+    and chapter 06's compare_models the one model comparison (no _compare_models with its own words)."""
+    from course import rlhf_progress
+
+    assert rlhf.quiet_progress is rlhf_progress.quiet_progress
+    assert not hasattr(rlhf, "quiet_datasets") and not hasattr(rlhf_progress, "quiet_datasets")
+    assert not hasattr(rlhf, "_compare_models")
