@@ -19,13 +19,11 @@ Why the course's layer is not slower (notebook 03 explains the maths):
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
-import time
 
 import peft
 import torch
+from layer_timing import main
 from torch import nn
 
 from course.dora import DoRALinear
@@ -40,16 +38,8 @@ def _peft_dora(base: nn.Linear, r: int, alpha: float) -> nn.Module:
     return holder["target"]
 
 
-def _step(layer: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    layer(x).sum().backward()
-    elapsed = time.perf_counter() - start
-    for p in layer.parameters():
-        p.grad = None
-    return elapsed
-
-
-def bench(n_in: int, n_out: int, r: int, repeats: int, tokens: tuple[int, int]) -> tuple[float, float]:
+def pair(n_in: int, n_out: int, r: int, tokens: tuple[int, int]):
+    """The course's DoRA layer and PEFT's on the same base weight, factors and magnitude, and an input."""
     torch.manual_seed(0)
     base = nn.Linear(n_in, n_out)
     ours = DoRALinear(copy.deepcopy(base), r, 2 * r)
@@ -61,38 +51,8 @@ def bench(n_in: int, n_out: int, r: int, repeats: int, tokens: tuple[int, int]) 
         theirs.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
     x = torch.randn(*tokens, n_in, requires_grad=True)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)  # the same function
-    for _ in range(3):  # warm-up
-        _step(ours, x), _step(theirs, x)
-    times = {"course": [], "peft": []}
-    for i in range(repeats):
-        order = [("course", ours), ("peft", theirs)]
-        for name, layer in order if i % 2 == 0 else order[::-1]:
-            times[name].append(_step(layer, x))
-            x.grad = None
-    return statistics.median(times["course"]), statistics.median(times["peft"])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="one small size, few repeats (a smoke test)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    sizes, repeats, tokens = SIZES, args.repeats, (8, 128)
-    if args.quick:
-        sizes, repeats, tokens = [(64, 96)], 3, (2, 16)
-    print(f"torch {torch.__version__}, peft {peft.__version__}, threads {args.threads}, r {args.r}, "
-          f"tokens {tokens[0]}x{tokens[1]}, {repeats} interleaved repeats, median of forward+backward")
-    print(f"{'size (in x out)':>16} {'course ms':>10} {'peft ms':>10} {'course/peft':>12}")
-    worst = 0.0
-    for n_in, n_out in sizes:
-        ours, theirs = bench(n_in, n_out, args.r, repeats, tokens)
-        worst = max(worst, ours / theirs)
-        print(f"{n_in:>7}x{n_out:<8} {ours * 1e3:>10.2f} {theirs * 1e3:>10.2f} {ours / theirs:>12.3f}")
-    print(f"worst ratio {worst:.3f} ({'within' if worst <= 1.0 else 'ABOVE'} the 1.0 target)")
+    return ours, theirs, x
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, SIZES, pair, target=1.0)  # the timing harness: layer_timing.py

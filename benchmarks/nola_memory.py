@@ -14,13 +14,10 @@ What is compared, forward + backward of ``sum_k c_k basis_k`` with K = 1024 basi
 
 How it is measured, each measurement in a fresh process, interleaved over ``--repeats`` rounds:
 
-- memory: the peak of the resident set (``ru_maxrss``) during one forward + backward, minus the
-  peak before it (after a small warm-up call that maps code and pools). The process runs with
-  ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then gives every block of 64 KiB or more its own
-  mapping and returns it to the system when freed, so freed blocks do not linger in the
-  resident set and the peak counts only memory live at the same time. (With the default,
-  glibc's threshold grows as big blocks are freed, and a later block can land in heap memory
-  already counted.)
+- memory: ``course.memory.peak_memory`` of one forward + backward (after a small warm-up call
+  that maps code and pools), the course's one way to measure a peak (notebook 05 uses it too):
+  the high-water mark of the resident set above where it stood, with glibc made to return every
+  block of 64 KiB or more when freed, so the peak counts only memory live at the same time.
 - time: the median of ``--calls`` forward + backward passes in a process with the default
   allocator, after one warm-up pass.
 
@@ -33,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,10 +99,13 @@ def worker(args) -> dict:
     small = torch.randn(8, requires_grad=True)
     _pass(f, small, 4, 4, torch.ones(4, 4))  # warm-up: loads code and pools, not the function's data
     if args.what == "memory":
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        _pass(f, c, args.rows, args.cols, upstream)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"peak_bytes": (after - before) * 1024}  # ru_maxrss is in KiB on Linux
+        from course.memory import peak_memory
+
+        _, peak = peak_memory(lambda: _pass(f, c, args.rows, args.cols, upstream), torch.device("cpu"))
+        if peak is None:
+            raise SystemExit("course.memory.peak_memory cannot measure a CPU peak on this system (Linux with glibc "
+                             "only): run this benchmark on Linux.")
+        return {"peak_bytes": peak}
     _pass(f, c, args.rows, args.cols, upstream)
     seconds = []
     for _ in range(args.calls):
@@ -118,8 +117,6 @@ def worker(args) -> dict:
 
 def _measure(name: str, what: str, args) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    if what == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     command = [sys.executable, __file__, "--worker", name, "--what", what, "--num-basis", str(args.num_basis),
                "--rows", str(args.rows), "--cols", str(args.cols), "--calls", str(args.calls),
                "--threads", str(args.threads)]

@@ -68,6 +68,23 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.float32
 
 
+def base_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a loaded model's frozen base weights are held in: read from the model, not decided again.
+
+    ``default_dtype`` decides how to *load* a base model; once it is loaded (by the course, by TRL,
+    by a learner with ``dtype=`` of their own, 4-bit with a compute dtype) everything that follows
+    (autocast, loss scaling, reloading a merged copy) asks the model. The floating-point dtype that
+    holds most of the parameters that do not train (adapters may be float32 beside a half-precision
+    base; 4-bit weights are not floating point); float32 when every parameter trains (a full
+    fine-tune, which computes in its own dtype) or there are none.
+    """
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
 @dataclass(frozen=True)
 class CPUBFloat16:
     """Whether this CPU multiplies bfloat16 matrices natively, and how that was found out."""

@@ -203,7 +203,11 @@ def interval(values, confidence: float = 0.95) -> Interval:
 
 @dataclass(frozen=True)
 class Comparison:
-    """``mean(a) - mean(b)`` with its interval, and what it lets one say."""
+    """``mean(a) - mean(b)`` with its interval, and what it lets one say (``compare``).
+
+    Two arms of an experiment, one metric value per seed; two *models'* next-token logits are
+    compared by ``course.merging.compare_models`` (a ``ModelComparison``).
+    """
 
     names: tuple[str, str]
     difference: float

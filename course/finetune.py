@@ -309,9 +309,10 @@ def _train(o: argparse.Namespace, out: Path, device: torch.device, path: str) ->
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
-    from course.device import default_dtype
+    from course.device import base_dtype
 
-    half = default_dtype(device) if device.type == "cuda" else torch.float32  # autocast on GPUs, as course.train
+    # autocast on GPUs, as course.train, in the dtype the base was loaded in (read once from the model)
+    half = base_dtype(accelerator.unwrap_model(model)) if device.type == "cuda" else torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)  # float16 needs loss scaling
     settings = run_settings(o, data_fingerprint)
 

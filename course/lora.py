@@ -34,7 +34,8 @@ from torch import nn
 
 from course import peft_format  # the file format: part of this interface
 from course.peft_format import load_peft_adapter, save_peft_adapter
-from course.surgery import as_targets, is_adapted, matches_target, plain_modules, replace_module
+from course.surgery import adapter_layers as lora_layers  # the one rule for what counts as a layer
+from course.surgery import as_targets, is_adapted, matches_target, plain_modules, swap_in
 
 __all__ = [
     "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "MergedLoRALinear", "adapter_dtype",
@@ -339,11 +340,6 @@ def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
     return None
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: layer}`` for every LoRA layer in ``model`` (the course's, or a learner's with ``lora_A``)."""
-    return {name: m for name, m in plain_modules(model).items() if name and is_adapted(m)}
-
-
 def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, *,
                 layer=LoRALinear, **options) -> nn.Module:
     """Wrap every module whose name matches ``target_modules`` in a LoRA layer (notebook 02).
@@ -374,31 +370,16 @@ def inject_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout:
         if options and lora_class_for(modules[name]) is not LoRALinear:
             raise TypeError(f"{name} is an {type(modules[name]).__name__}: the options {sorted(options)} "
                             "are for the nn.Linear layer class only. Target nn.Linear modules only.")
-    new = {}
-    # Build every layer before swapping any in. Building one freezes its base (and OLoRA changes the
-    # base weight), so on a failure every flag and changed weight is put back: all targets or none.
-    was_trainable = {p: p.requires_grad for p in model.parameters()}
-    originals = ({name: modules[name].weight.detach().clone() for name in chosen}
-                 if getattr(layer, "changes_base_weight", False) else {})
-    try:
-        for name in chosen:
-            lora_class = lora_class_for(modules[name])
-            if lora_class is LoRAEmbedding:
-                new[name] = LoRAEmbedding(modules[name], r, alpha)
-            elif lora_class is LoRALinear:
-                new[name] = layer(modules[name], r, alpha, dropout=dropout, **options)
-            else:
-                new[name] = lora_class(modules[name], r, alpha, dropout=dropout)
-    except BaseException:
-        for p, flag in was_trainable.items():
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for name, weight in originals.items():
-                modules[name].weight.copy_(weight)
-        raise
-    for name, module in new.items():
-        replace_module(model, name, module)
-    return model
+    # Build every layer before swapping any in (all targets or none, OLoRA's base weights included).
+    def build(name: str, module: nn.Module) -> nn.Module:
+        lora_class = lora_class_for(module)
+        if lora_class is LoRAEmbedding:
+            return LoRAEmbedding(module, r, alpha)
+        if lora_class is LoRALinear:
+            return layer(module, r, alpha, dropout=dropout, **options)
+        return lora_class(module, r, alpha, dropout=dropout)
+
+    return swap_in(model, chosen, build, changes_base_weight=getattr(layer, "changes_base_weight", False))
 
 
 def _check_bias_mode(bias: str) -> None:
@@ -436,8 +417,8 @@ def inject_lora_linear(model: nn.Module, target_modules, r: int, alpha: float, d
     if not chosen:
         raise ValueError(f"No nn.Linear matches target_modules={targets} (inject_lora_linear adapts nn.Linear "
                          "only; inject_lora also takes nn.Embedding and nn.Conv2d).")
-    for name, module in {n: layer(modules[n], r, alpha, dropout=dropout, **options) for n in chosen}.items():
-        replace_module(model, name, module)  # every layer built before any is swapped in
+    swap_in(model, chosen, lambda name, module: layer(module, r, alpha, dropout=dropout, **options),
+            changes_base_weight=getattr(layer, "changes_base_weight", False))  # all targets or none
     return mark_only_lora_as_trainable(model)
 
 

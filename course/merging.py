@@ -15,7 +15,10 @@ fine-tune, ``W_finetuned - W_pretrained``. A merge turns several deltas into one
   ``density``, so that the expected delta is unchanged; then merge linearly or TIES-style.
 - ``svd_truncate``: a (merged) delta back to LoRA factors ``(A, B)`` of a given rank, the
   best approximation in the Frobenius norm (Eckart-Young).
-- ``compare_models``: how far two models' next-token distributions are apart.
+- ``compare_models``: how far two models' next-token distributions are apart, as a
+  ``ModelComparison`` (the one yardstick for "do these two models compute the same thing?":
+  chapter 06 validates merges with it, chapter 07's ``course.rlhf.save_merge_reload`` the
+  reloaded model).
 
 The merges follow PEFT's ``peft.utils.merge_utils`` operation for operation (``ties`` with
 ``majority_sign_method="total"``, ``dare_linear``, ``dare_ties``), so that they give PEFT's
@@ -32,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 __all__ = [
-    "Comparison",
+    "ModelComparison",
     "compare_models",
     "dare_merge",
     "dare_prune",
@@ -186,12 +189,13 @@ def svd_truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """How two models' next-token predictions differ on the same tokens.
+class ModelComparison:
+    """How two models' next-token predictions differ on the same tokens (``compare_models``).
 
     ``max_logit_diff``: the largest |logit_a - logit_b| over every position and vocabulary entry;
     ``top1_agreement``: the fraction of positions where both pick the same most likely token;
     ``mean_kl``: KL(p_a || p_b) in nats, averaged over positions. Padding is left out.
+    (Two *arms* of an experiment, seeds of one metric, are compared by ``course.evidence.compare``.)
     """
 
     max_logit_diff: float
@@ -214,7 +218,7 @@ def _logits(model, inputs: dict) -> torch.Tensor:
         return model(**batch).logits.float().cpu()
 
 
-def compare_models(a, b, inputs) -> Comparison:
+def compare_models(a, b, inputs) -> ModelComparison:
     """Run ``a`` and ``b`` on the same ``inputs`` and measure how far their predictions differ.
 
     ``inputs``: a tokenizer batch (``input_ids`` and ``attention_mask``; positions where the mask
@@ -239,7 +243,7 @@ def compare_models(a, b, inputs) -> Comparison:
     la, lb = la[mask], lb[mask]  # (positions, vocabulary)
     log_pa, log_pb = la.log_softmax(-1), lb.log_softmax(-1)
     kl = (log_pa.exp() * (log_pa - log_pb)).sum(-1)
-    return Comparison(
+    return ModelComparison(
         max_logit_diff=(la - lb).abs().max().item(),
         top1_agreement=(la.argmax(-1) == lb.argmax(-1)).float().mean().item(),
         mean_kl=kl.mean().clamp(min=0).item(),

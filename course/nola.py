@@ -50,7 +50,7 @@ from course.nola_basis import (  # noqa: F401  (re-exported: the basis is part o
     generate_params,
     random_basis,
 )
-from course.surgery import plain_modules, replace_module
+from course.surgery import adapter_layers, swap_in
 
 __all__ = [
     "GENERATOR",
@@ -174,15 +174,18 @@ def nola_layer(model: nn.Module, seed: int):
 
 
 def nola_layers(model: nn.Module) -> dict[str, NOLALoRALinear]:
-    """``{name: layer}`` for every ``NOLALoRALinear`` in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NOLALoRALinear)}
+    """``{name: layer}`` for every ``NOLALoRALinear`` in ``model``: the layers ``course.lora.lora_layers``
+    finds (``course.surgery.adapter_layers``) that are NOLA's."""
+    return {name: m for name, m in adapter_layers(model).items() if isinstance(m, NOLALoRALinear)}
 
 
 # ---------------------------------------------------------------------------
 # On disk: coefficients, seeds and shapes
 # ---------------------------------------------------------------------------
 
-CONFIG_NAME, WEIGHTS_NAME = "nola_config.json", "nola_coefficients.safetensors"
+# Not PEFT's file names (``course.peft_format.CONFIG_NAME``, ``WEIGHTS_NAME``): PEFT must not take a NOLA
+# folder for a LoRA adapter, and one name means one file in the whole course.
+NOLA_CONFIG_NAME, NOLA_WEIGHTS_NAME = "nola_config.json", "nola_coefficients.safetensors"
 
 
 _SHARED = ("r", "alpha", "num_basis_A", "num_basis_B", "dropout", "rslora")
@@ -222,8 +225,8 @@ def save_nola(model: nn.Module, directory) -> Path:
     text = f'{head},\n "layers": {{\n{body}\n }}\n}}\n'
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        save_file(tensors, tmp / NOLA_WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / NOLA_CONFIG_NAME).write_text(text, encoding="utf-8")
     return directory
 
 
@@ -251,9 +254,9 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
     safetensors file) raises a ValueError naming the file, and leaves the model as it was.
     """
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config_path, weights_path = directory / NOLA_CONFIG_NAME, directory / NOLA_WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a NOLA adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+        raise FileNotFoundError(f"{directory} is not a NOLA adapter: it needs {NOLA_CONFIG_NAME} and {NOLA_WEIGHTS_NAME} "
                                 "(written by course.nola.save_nola).")
     from course.peft_format import read_json_object, read_tensors
 
@@ -270,34 +273,24 @@ def load_nola(model: nn.Module, directory) -> nn.Module:
                          + "; ".join(part for part in (missing and f"missing {', '.join(missing[:3])}",
                                                        extra and f"unexpected {', '.join(extra[:3])}") if part)
                          + ". The adapter is damaged (renamed keys?): save it again with save_nola.")
-    modules = plain_modules(model)
-    was_trainable = {p: p.requires_grad for p in model.parameters()}
-    new = {}
-    try:
-        for name, entry in config["layers"].items():
-            spec = {**{key: config[key] for key in _SHARED if key in config}, **entry}
-            base = modules.get(name)
-            if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
-                raise ValueError(f"The adapter has a layer {name!r}, which is not a plain nn.Linear in this model: "
-                                 "load it into the base model it was trained on.")
-            if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
-                raise ValueError(f"{name} is {base.in_features} -> {base.out_features} here but "
-                                 f"{spec['in_features']} -> {spec['out_features']} in the adapter: another base model.")
-            layer = NOLALoRALinear(base, spec["r"], spec["alpha"], num_basis_A=spec["num_basis_A"],
-                                   num_basis_B=spec["num_basis_B"], seed=spec["seed"],
-                                   dropout=spec.get("dropout", 0.0), rslora=spec.get("rslora", False))
-            with torch.no_grad():
-                for part in ("lora_A_coefficients", "lora_B_coefficients"):
-                    saved, own = tensors[f"{name}.{part}"], getattr(layer, part)
-                    if saved.shape != own.shape:
-                        raise ValueError(f"{name}.{part} has shape {tuple(saved.shape)} in the file, the config "
-                                         f"says {tuple(own.shape)}: the adapter is damaged.")
-                    own.copy_(saved)
-            new[name] = layer
-    except Exception:
-        for p, flag in was_trainable.items():  # building a layer froze its base: undo that
-            p.requires_grad_(flag)
-        raise
-    for name, layer in new.items():
-        replace_module(model, name, layer)
-    return model
+    def build(name: str, base: nn.Module | None) -> NOLALoRALinear:
+        spec = {**{key: config[key] for key in _SHARED if key in config}, **config["layers"][name]}
+        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+            raise ValueError(f"The adapter has a layer {name!r}, which is not a plain nn.Linear in this model: "
+                             "load it into the base model it was trained on.")
+        if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{name} is {base.in_features} -> {base.out_features} here but "
+                             f"{spec['in_features']} -> {spec['out_features']} in the adapter: another base model.")
+        layer = NOLALoRALinear(base, spec["r"], spec["alpha"], num_basis_A=spec["num_basis_A"],
+                               num_basis_B=spec["num_basis_B"], seed=spec["seed"],
+                               dropout=spec.get("dropout", 0.0), rslora=spec.get("rslora", False))
+        with torch.no_grad():
+            for part in ("lora_A_coefficients", "lora_B_coefficients"):
+                saved, own = tensors[f"{name}.{part}"], getattr(layer, part)
+                if saved.shape != own.shape:
+                    raise ValueError(f"{name}.{part} has shape {tuple(saved.shape)} in the file, the config "
+                                     f"says {tuple(own.shape)}: the adapter is damaged.")
+                own.copy_(saved)
+        return layer
+
+    return swap_in(model, config["layers"], build)  # every layer checked before the model changes

@@ -38,7 +38,7 @@ from torch import nn
 
 from course.lora import LoRALayer, LoRALinear, lora_layers
 from course.peft_format import register_variant
-from course.surgery import replace_module
+from course.surgery import swap_in
 
 __all__ = ["OLoRALinear", "olora_init", "olora_to_lora", "to_lora"]
 
@@ -181,13 +181,15 @@ def to_lora(model: nn.Module, base: nn.Module) -> nn.Module:
                                  "`base` was OLoRA-initialised. Pass a pristine copy of the base model, "
                                  "e.g. course.models.load_base_model().")
             factors[name] = olora_to_lora(A0, B0, *layer.lora_factors())
-    for name, (A, B) in factors.items():
-        layer, target = layers[name], base.get_submodule(name)
+
+    def build(name: str, target: nn.Module) -> LoRALinear:
+        layer, (A, B) = layers[name], factors[name]
         alpha = layer.alpha * (math.sqrt(2) if layer.rslora else 2)
         plain = LoRALinear(target, 2 * layer.r, alpha, dropout=float(getattr(layer.dropout, "p", 0.0)),
                            rslora=layer.rslora)
         with torch.no_grad():
             plain.lora_A.weight.copy_(A)
             plain.lora_B.weight.copy_(B)
-        replace_module(base, name, plain)
-    return base
+        return plain
+
+    return swap_in(base, factors, build)

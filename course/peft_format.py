@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from course.files import atomic_directory
-from course.surgery import is_adapted, matches_target, plain_modules, replace_module
+from course.surgery import adapter_layers, is_adapted, matches_target, plain_modules, swap_in
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PEFT's prefix for the wrapped model's module names
@@ -106,9 +106,17 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path: s
     empty (``"."`` included) or an adapter folder; a file or a folder of other things is
     refused, never replaced. Returns the directory.
     """
-    layers = {name: m for name, m in model.named_modules() if is_peft_layer(m)}
+    layers = adapter_layers(model)  # the layers lora_layers counts, no more, no fewer
     if not layers:
         raise ValueError("The model has no LoRA layers: call inject_lora first.")
+    unwritable = {name: type(m).__name__ for name, m in layers.items() if not is_peft_layer(m)}
+    if unwritable:
+        named = ", ".join(f"{name} ({kind})" for name, kind in list(unwritable.items())[:3])
+        raise ValueError(f"{len(unwritable)} of the model's {len(layers)} LoRA layers cannot be written in PEFT's "
+                         f"format: {named}{', ...' if len(unwritable) > 3 else ''} have no peft_state() method. "
+                         "save_peft_adapter writes the course's layer classes (course.lora.LoRALinear, DoRALinear, "
+                         "...): copy your layers' A and B into a model built with course.lora.inject_lora and save "
+                         "that (notebook 02, section 8).")
     if len({m.rslora for m in layers.values()}) > 1:
         raise ValueError("Some LoRA layers use rsLoRA scaling and some do not; a PEFT config holds one.")
     flags = {json.dumps(getattr(m, "peft_flags", {}), sort_keys=True) for m in layers.values()}
@@ -311,26 +319,10 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     _check_against_config(directory, config, groups)
 
     _load_layer_modules()
-    modules = plain_modules(model)
-    was_trainable = {p: p.requires_grad for p in model.parameters()}
-    # OLoRA layers change their base weight when built: keep the originals to put back on failure.
-    originals = ({name: modules[name].weight.detach().clone() for name in groups
-                  if isinstance(modules.get(name), nn.Linear)}
-                 if getattr(_linear_class(config), "changes_base_weight", False) else {})
-    new_layers = {}
-    try:
-        for name, state in sorted(groups.items()):
-            new_layers[name] = _layer_from_peft(name, state, modules.get(name), config, made_for)
-    except Exception:
-        for p, flag in was_trainable.items():  # building a layer froze its base: undo that
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for name, weight in originals.items():
-                modules[name].weight.copy_(weight)
-        raise
-    for name, layer in new_layers.items():  # everything fitted: now change the model
-        replace_module(model, name, layer)
-    return model
+    # OLoRA layers change their base weight when built: swap_in puts the originals back on failure.
+    return swap_in(model, sorted(groups), lambda name, module: _layer_from_peft(name, groups[name], module, config,
+                                                                                made_for),
+                   changes_base_weight=getattr(_linear_class(config), "changes_base_weight", False))
 
 
 def _pattern_value(patterns: dict, name: str, default):

@@ -18,7 +18,7 @@ re-exported here so that ``course.rlhf.X`` is the one name the notebook uses:
   in TRL's formats (``sft_dataset``, ``preference_dataset``, ``grpo_dataset``) and GRPO's rewards
   (``course.data.addition_reward``, ``number_only_reward``);
 - ``course.rlhf_progress``: ``fit`` runs a trainer under the course's progress bar and collects
-  its per-step logs; ``quiet_progress`` (``quiet_datasets``) silences other libraries' bars;
+  its per-step logs; ``quiet_progress`` silences other libraries' bars;
 - ``course.rlhf_eval``: DPO's implicit reward on held-out pairs (``preference_logps``,
   ``reward_margins``), GRPO's reward on held-out prompts (``sampled_reward``), and
   ``save_merge_reload``: save the adapter, merge it, reload and compare;
@@ -137,7 +137,6 @@ def _grpo_inputs(rewards, group_size, scale_rewards) -> tuple[torch.Tensor, str]
 # `course.rlhf.X` is the one name the notebook uses.
 from course.memory import memory_growth, resident_bytes, tensor_bytes  # noqa: E402, F401 (re-exported)
 from course.rlhf_eval import (  # noqa: E402, F401 (re-exported)
-    _compare_models,
     completion_logps,
     preference_logps,
     probe_inputs,
@@ -145,7 +144,7 @@ from course.rlhf_eval import (  # noqa: E402, F401 (re-exported)
     sampled_reward,
     save_merge_reload,
 )
-from course.rlhf_progress import Run, fit, progress_bar, quiet_datasets, quiet_progress  # noqa: E402, F401 (re-exported)
+from course.rlhf_progress import Run, fit, progress_bar, quiet_progress  # noqa: E402, F401 (re-exported)
 from course.rlhf_trl import (  # noqa: E402, F401 (re-exported)
     RLHFBudget,
     _common,

@@ -4,8 +4,8 @@ trained adapter saved, merged and reloaded.
 ``preference_logps`` and ``reward_margins`` give DPO's implicit reward on held-out pairs;
 ``sampled_reward`` is GRPO's reward on held-out prompts, sampled as GRPO samples;
 ``save_merge_reload`` saves the adapter, merges it, saves the merged model, reloads it and
-checks that it computes what the trained model computes (``_compare_models``, on chapter 06's
-``course.merging.compare_models``). Re-exported by ``course.rlhf``.
+checks that it computes what the trained model computes (chapter 06's ``course.merging.compare_models``,
+a ``ModelComparison``). Re-exported by ``course.rlhf``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from course.device import default_device, default_dtype
+from course.device import base_dtype, default_device
+from course.merging import ModelComparison, compare_models
 from course.rlhf_progress import quiet_progress
 
 __all__ = ["completion_logps", "preference_logps", "reward_margins", "sampled_reward", "probe_inputs",
@@ -134,18 +135,6 @@ def sampled_reward(model, tokenizer, dataset, reward_funcs, *, samples: int = 4,
 # ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _compare_models(a, b, inputs) -> dict:
-    """How far apart two models are on ``inputs`` (a tokenised batch): the largest difference of
-    their logits and the share of positions where they predict the same next token
-    (``course.merging.compare_models``, notebook 06, in the words of this chapter's report).
-    """
-    from course.merging import compare_models
-
-    comparison = compare_models(a, b, inputs)
-    return {"max_abs_logit_diff": comparison.max_logit_diff, "same_next_token": comparison.top1_agreement}
-
-
 def probe_inputs(tokenizer, questions, device=None) -> dict:
     """A right-padded batch of chat prompts, to compare models' logits on (``save_merge_reload``)."""
     from course.generate import chat_prompt
@@ -155,15 +144,17 @@ def probe_inputs(tokenizer, questions, device=None) -> dict:
                      add_special_tokens=False).to(device)
 
 
-def save_merge_reload(peft_model, tokenizer, directory, probe: dict, *, base_path=None):
+def save_merge_reload(peft_model, tokenizer, directory, probe: dict, *, base_path=None
+                      ) -> tuple[torch.nn.Module, ModelComparison]:
     """Save the adapter, merge it into a fresh copy of its base, save that merged model, reload it.
 
     ``directory/adapter`` gets the PEFT adapter (safetensors), ``directory/merged`` the merged
     model and tokenizer (``save_pretrained``, safetensors). ``base_path`` is where the base the
     adapter was trained on lives (a ``save_pretrained`` folder), default the course's base model.
-    Returns ``(reloaded, report)``: the merged model as loaded from disk, and ``_compare_models``
-    of it against ``peft_model`` (the trained model, adapter unmerged) on ``probe``: the largest
-    logit difference and the share of positions with the same next token.
+    The base is loaded, merged and reloaded in the dtype of the trained model's frozen base
+    (``course.device.base_dtype``), on its device. Returns ``(reloaded, comparison)``: the merged
+    model as loaded from disk, and ``course.merging.compare_models(reloaded, peft_model, probe)``
+    against the trained model (adapter unmerged): ``max_logit_diff``, ``top1_agreement``, ``mean_kl``.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -172,7 +163,7 @@ def save_merge_reload(peft_model, tokenizer, directory, probe: dict, *, base_pat
 
     directory = Path(directory)
     device = next(peft_model.parameters()).device
-    dtype = default_dtype(device)
+    dtype = base_dtype(peft_model)  # the trained model's, not the default policy's
     peft_model.save_pretrained(directory / "adapter")  # adapter_model.safetensors + adapter_config.json
     with quiet_progress():
         base = load_base_model(base_path, dtype=dtype, device=device, progress=False)
@@ -182,4 +173,4 @@ def save_merge_reload(peft_model, tokenizer, directory, probe: dict, *, base_pat
         del base, merged
         reloaded = AutoModelForCausalLM.from_pretrained(directory / "merged", dtype=dtype).to(device).eval()
     peft_model.eval()
-    return reloaded, _compare_models(reloaded, peft_model, probe)
+    return reloaded, compare_models(reloaded, peft_model, probe)

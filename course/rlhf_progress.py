@@ -12,7 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Run", "fit", "progress_bar", "quiet_progress", "quiet_datasets"]
+__all__ = ["Run", "fit", "progress_bar", "quiet_progress"]
 
 # ---------------------------------------------------------------------------
 # Running a trainer: the course's progress bar, the per-step logs
@@ -140,5 +140,3 @@ def quiet_progress():
         if transformers_on:
             logging.enable_progress_bar()
 
-
-quiet_datasets = quiet_progress  # the name notebook 07 uses

@@ -15,11 +15,13 @@ was. They import nothing from the methods, so every method can import them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
-__all__ = ["as_targets", "is_adapted", "matches_target", "plain_modules", "replace_module", "targeted_names"]
+__all__ = ["adapter_layers", "as_targets", "is_adapted", "matches_target", "plain_modules", "replace_module",
+           "swap_in", "targeted_names"]
 
 
 def as_targets(target_modules) -> list[str]:
@@ -67,6 +69,16 @@ def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` for every adapter layer of ``model``: the one rule for what counts as a layer.
+
+    A layer is a named module that ``is_adapted`` (the course's, PEFT's or a learner's), outside any
+    other adapter layer (its ``base_layer`` is not a second one). ``course.lora.lora_layers``,
+    ``course.nola.nola_layers``, OLoRA's ``to_lora`` and ``save_peft_adapter`` all start from it.
+    """
+    return {name: m for name, m in plain_modules(model).items() if name and is_adapted(m)}
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the module ``name`` (a dotted name from ``named_modules()``) was.
 
@@ -75,3 +87,36 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def swap_in(model: nn.Module, names: Iterable[str], build: Callable[[str, nn.Module | None], nn.Module], *,
+            changes_base_weight: bool = False) -> nn.Module:
+    """Put ``build(name, module)`` in place of each named module: all of them, or none.
+
+    Every new layer is built before any is put in. Building one freezes its base (and OLoRA's
+    changes the base weight, ``changes_base_weight=True``), so when a build fails every
+    ``requires_grad`` flag and every changed weight is put back before the error goes on: the
+    model is as it was. ``module`` is ``None`` for a name the model does not have (``build``
+    says what to do). ``inject_lora``, ``load_peft_adapter`` and ``load_nola`` all swap this way.
+    """
+    names = list(names)
+    modules = plain_modules(model)
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
+    originals = {}
+    if changes_base_weight:
+        originals = {name: modules[name].weight.detach().clone() for name in names
+                     if isinstance(getattr(modules.get(name), "weight", None), torch.Tensor)}
+    new = {}
+    try:
+        for name in names:
+            new[name] = build(name, modules.get(name))
+    except BaseException:
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)
+        raise
+    for name, layer in new.items():  # everything fitted: now change the model
+        replace_module(model, name, layer)
+    return model

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from course.device import base_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -121,12 +123,11 @@ def train(
         if p.requires_grad and "lora_" in name and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()  # (a fully trained base layer keeps its dtype: its input is half)
     device = next(model.parameters()).device
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    base_dtype = frozen[0].dtype if frozen else torch.float32
-    use_autocast = device.type == "cuda" and base_dtype in (torch.float16, torch.bfloat16)
+    half = base_dtype(model)  # the frozen base's dtype, as loaded
+    use_autocast = device.type == "cuda" and half in (torch.float16, torch.bfloat16)
     # float16 has 5 exponent bits: small gradients flush to zero unless the loss is scaled up
     # first (and the gradients scaled back before the step). bfloat16 has float32's range.
-    scaler = torch.amp.GradScaler(device.type, enabled=base_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
 
     encoded = [encode_example(tokenizer, p, a) for p, a in zip(dataset["prompt"], dataset["answer"], strict=True)]
     generator = torch.Generator().manual_seed(seed)
@@ -148,7 +149,7 @@ def train(
             order += torch.randperm(len(encoded), generator=generator).tolist()
         batch = collate(tokenizer, [encoded[i] for i in order[:batch_size]], device)
         del order[:batch_size]
-        with torch.autocast(device.type, dtype=base_dtype, enabled=use_autocast):
+        with torch.autocast(device.type, dtype=half, enabled=use_autocast):
             loss = model(**batch).loss
         scaler.scale(loss).backward()
         scaler.step(optimizer)  # skips the step if a gradient overflowed, then lowers the scale

@@ -130,10 +130,11 @@ def test_delta_weight_stub_is_not_attempted():
 
 
 def count_by_config(model, r, target_modules):
-    """Differently written: per-module sums with the weight's shape rather than in/out_features."""
+    """Differently written: per-module sums with the weight's shape rather than in/out_features, and
+    PEFT's rule for a name as a suffix test on the dotted name."""
     total = 0
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "weight"):
+        if any(f".{name}".endswith(f".{t}") for t in target_modules) and hasattr(module, "weight"):
             out_features, in_features = module.weight.shape
             total += r * out_features + r * in_features
     return total
@@ -171,6 +172,10 @@ def count_as_float(model, r, targets):
     return float(reference_count(model, r, targets))
 
 
+def count_last_name_part(model, r, targets):  # chapter 01's answer before it taught PEFT's rule
+    return sum(r * (m.in_features + m.out_features) for m in _targeted(model, targets))
+
+
 @pytest.mark.parametrize("answer", [reference_count, count_by_config])
 def test_lora_parameter_count_passes_right_answers(answer):
     result = check.lora_parameter_count.run(answer)
@@ -187,6 +192,7 @@ def test_lora_parameter_count_passes_right_answers(answer):
         (count_every_linear, "every Linear"),
         (count_base_weights, "own weights"),
         (count_as_float, "Python int"),
+        (count_last_name_part, "ends in '.' + target"),
     ],
 )
 def test_lora_parameter_count_explains_mistakes(answer, words):

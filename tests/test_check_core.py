@@ -268,3 +268,33 @@ def test_random_states_are_restored_even_when_the_answer_draws():
     before = _random_states()
     make(judge)(draws)
     assert _same_states(before, _random_states())
+
+
+def test_close_is_the_checks_one_test_of_the_same_numbers():
+    """course.check.core.close: the shape, then the numbers in float64, at the tolerances a check gives."""
+    from course.check.core import close
+
+    want = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert close(want.clone(), want, rtol=0, atol=0)
+    assert close(want.double() + 1e-7, want, rtol=0, atol=1e-6)  # an answer in float64 is judged on its numbers
+    assert close(want.to(torch.bfloat16), want, rtol=0, atol=0)  # these values are exact in bfloat16
+    assert not close(want + 1e-3, want, rtol=1e-5, atol=1e-6)
+    assert not close(want.T.contiguous(), want, rtol=0, atol=0.5)  # a transpose is not the layer
+    assert not close(want.flatten(), want, rtol=1, atol=1)  # nor another shape
+    nan = torch.tensor([float("nan"), 1.0])
+    assert close(nan, nan.clone(), rtol=0, atol=0, equal_nan=True) and not close(nan, nan.clone(), rtol=0, atol=0)
+    grad = want.clone().requires_grad_()
+    assert close(grad * 1, want, rtol=0, atol=0)  # a result still in the autograd graph
+
+
+@pytest.mark.parametrize("module", ["adapters", "distributed", "inject", "lora", "merging", "nola", "nola_linear", "olora",
+                                    "rlhf"])
+def test_every_check_module_compares_with_the_shared_close(module):
+    import importlib
+    import inspect
+
+    from course.check import core
+
+    source = inspect.getsource(importlib.import_module(f"course.check.{module}"))
+    assert "allclose(" not in source, f"course.check.{module} compares numbers itself: use course.check.core.close"
+    assert importlib.import_module(f"course.check.{module}").close is core.close

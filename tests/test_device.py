@@ -105,3 +105,22 @@ def test_cpu_description_names_the_processor(clean_env):
     clean_env.setenv("COURSE_DEVICE", "cpu")
     assert device.cpu_model() in device.describe()
     assert torch.backends.cpu.get_cpu_capability() in device.describe()
+
+
+def test_base_dtype_is_read_from_the_loaded_model(clean_env):
+    # A half-precision base with float32 adapters beside it: the base's dtype, whatever the policy says.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    model.to(torch.bfloat16).requires_grad_(False)
+    model.append(torch.nn.Linear(4, 64))  # "an adapter": float32, trains, more elements than the last layer
+    assert device.default_dtype("cpu") == torch.float32
+    assert device.base_dtype(model) == torch.bfloat16
+    model.half()[-1].float()  # float16 base now (an embedding and two layers), the float32 part trains
+    assert device.base_dtype(model) == torch.float16
+    # A frozen float32 part smaller than the base does not decide it; a 4-bit-like integer weight is ignored.
+    model.append(torch.nn.Linear(2, 2).requires_grad_(False))
+    model.register_parameter("codes", torch.nn.Parameter(torch.zeros(10_000, dtype=torch.uint8), requires_grad=False))
+    assert device.base_dtype(model) == torch.float16
+    # Everything trains (a full fine-tune) or nothing is floating point: float32, no autocast.
+    assert device.base_dtype(torch.nn.Linear(4, 4).to(torch.bfloat16)) == torch.float32
+    assert device.base_dtype(torch.nn.Module()) == torch.float32

@@ -249,6 +249,9 @@ def test_compare_models_of_a_model_with_itself():
     result = merging.compare_models(model, copy.deepcopy(model), ids)
     assert result.max_logit_diff == 0 and result.top1_agreement == 1 and result.mean_kl == 0
     assert result.positions == 14
+    # One name for the result, apart from course.evidence's statistical Comparison of two arms.
+    assert isinstance(result, merging.ModelComparison) and not hasattr(merging, "Comparison")
+    assert str(result).startswith("max |logit diff| 0, top-1 agreement 100.0%")
 
 
 def test_compare_models_against_an_explicit_computation():

@@ -368,6 +368,12 @@ def test_save_and_load_round_trip_with_coefficients_seeds_and_shapes_only(tmp_pa
     assert (want - _logits(_tiny_llama())).abs().max() > 1e-3  # the adapter matters
     directory = save_nola(model, tmp_path / "adapter")
     assert sorted(p.name for p in directory.iterdir()) == ["nola_coefficients.safetensors", "nola_config.json"]
+    # One name, one file: NOLA's own constants name these files, never PEFT's CONFIG_NAME / WEIGHTS_NAME.
+    from course import nola, peft_format
+
+    assert sorted(p.name for p in directory.iterdir()) == sorted([nola.NOLA_CONFIG_NAME, nola.NOLA_WEIGHTS_NAME])
+    assert not {peft_format.CONFIG_NAME, peft_format.WEIGHTS_NAME} & {p.name for p in directory.iterdir()}
+    assert not hasattr(nola, "CONFIG_NAME") and not hasattr(nola, "WEIGHTS_NAME")
     config = json.loads((directory / "nola_config.json").read_text())
     assert config["generator"] == GENERATOR
     assert {k: config[k] for k in ("r", "alpha", "num_basis_A", "num_basis_B")} == {

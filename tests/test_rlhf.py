@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from course import rlhf
+from course.merging import ModelComparison, compare_models
 from course.rlhf import dpo_loss
 
 
@@ -45,7 +46,7 @@ def _dpo_trainer(tokenizer, pairs, beta: float):
 
     args = DPOConfig(**{**rlhf._common("test-dpo", 1, len(pairs), 1e-3, 0), "use_cpu": True, "bf16": False,
                         "fp16": False}, beta=beta, loss_type="sigmoid", max_length=64)
-    with rlhf.quiet_datasets():
+    with rlhf.quiet_progress():
         return DPOTrainer(model=_tiny_llama(tokenizer), args=args, train_dataset=pairs, processing_class=tokenizer,
                           peft_config=_random_lora())
 
@@ -209,7 +210,7 @@ def test_fit_trains_quietly_and_returns_the_logs(tokenizer, capsys):
     budget = rlhf.RLHFBudget(**{**rlhf.rlhf_budget("cpu").__dict__, "sft_steps": 2, "batch_size": 2})
     args = rlhf.sft_config(budget)
     args.use_cpu, args.bf16, args.fp16 = True, False, False
-    with rlhf.quiet_datasets():
+    with rlhf.quiet_progress():
         trainer = SFTTrainer(model=_tiny_llama(tokenizer), args=args, train_dataset=rlhf.sft_dataset("eval"),
                              processing_class=tokenizer, peft_config=_random_lora())
     run = rlhf.fit(trainer, "tiny SFT")
@@ -234,10 +235,33 @@ def test_save_merge_reload_round_trips(tokenizer, tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
     assert type(reloaded).__name__ == "LlamaForCausalLM"
-    assert report["max_abs_logit_diff"] < 1e-4 and report["same_next_token"] == 1.0  # float32 merge: rounding
+    assert isinstance(report, ModelComparison)  # chapter 06's yardstick, one type for both chapters
+    assert report.max_logit_diff < 1e-4 and report.top1_agreement == 1.0  # float32 merge: rounding
     with trained.disable_adapter():
-        unadapted = rlhf._compare_models(reloaded, trained, probe)
-    assert unadapted["max_abs_logit_diff"] > 1e-3  # the comparison does see the adapter
+        unadapted = compare_models(reloaded, trained, probe)
+    assert unadapted.max_logit_diff > 1e-3  # the comparison does see the adapter
+    assert not hasattr(rlhf, "_compare_models")  # no second vocabulary for the same measurement
+
+
+def test_save_merge_reload_keeps_the_trained_models_dtype(tokenizer, tmp_path, monkeypatch):
+    # The base was loaded (and trained over) in bfloat16 while the course's policy says float32: the
+    # merge and the reloaded model follow the trained model, not the policy.
+    from peft import get_peft_model
+
+    from course.models import load_base_model
+
+    monkeypatch.setenv("COURSE_DTYPE", "float32")
+    base_dir = tmp_path / "base"
+    _tiny_llama(tokenizer).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    trained = get_peft_model(load_base_model(str(base_dir), dtype=torch.bfloat16, device="cpu", progress=False),
+                             _random_lora())
+    assert {p.dtype for n, p in trained.named_parameters() if "lora_" in n} == {torch.float32}  # PEFT's adapters
+    probe = rlhf.probe_inputs(tokenizer, ["What is 12+30? Reply with the number only."], device="cpu")
+    reloaded, report = rlhf.save_merge_reload(trained, tokenizer, tmp_path / "out", probe, base_path=str(base_dir))
+    assert reloaded.dtype == torch.bfloat16
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    assert report.top1_agreement == 1.0  # merged in bfloat16: rounding, not another model
 
 
 def test_tensor_bytes_counts_shared_tensors_once(tokenizer):
@@ -322,7 +346,7 @@ def grpo_run(tokenizer):
     args = GRPOConfig(**{**rlhf._common("test-grpo", 1, 3 * GROUP, 1e-3, 0), "use_cpu": True, "bf16": False,
                          "fp16": False}, num_generations=GROUP, max_completion_length=4, beta=0.0,
                       log_completions=False)
-    with rlhf.quiet_datasets():
+    with rlhf.quiet_progress():
         trainer = GRPOTrainer(model=_tiny_llama(tokenizer), reward_funcs=seeded_reward, args=args,
                               train_dataset=rlhf.grpo_dataset("eval").select(range(6)), processing_class=tokenizer)
     trainer.model.train()
@@ -387,3 +411,13 @@ def test_grpo_config_maps_the_boolean_aliases_as_we_do():
 def test_grpo_advantages_refuse_bad_input(args, phrase):
     with pytest.raises(ValueError, match=re.escape(phrase)):
         rlhf.grpo_advantages(*args)
+
+
+def test_one_name_for_each_helper():
+    """quiet_progress is the one context manager that silences the libraries' bars (its alias is gone),
+    and chapter 06's compare_models the one model comparison (no _compare_models with its own words)."""
+    from course import rlhf_progress
+
+    assert rlhf.quiet_progress is rlhf_progress.quiet_progress
+    assert not hasattr(rlhf, "quiet_datasets") and not hasattr(rlhf_progress, "quiet_datasets")
+    assert not hasattr(rlhf, "_compare_models")

@@ -142,3 +142,129 @@ def test_an_adapter_of_a_variant_loads_with_only_course_lora_imported(variant, e
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == expected
+
+
+class _LearnersLoRA(nn.Module):
+    """A learner's layer (chapter 02): ``lora_A`` and ``lora_B``, but no ``peft_state``."""
+
+    def __init__(self, base: nn.Linear, r: int = 2):
+        super().__init__()
+        self.base, self.lora_A = base, nn.Parameter(torch.randn(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_A.T @ self.lora_B.T
+
+
+def _one_of_each():
+    from course.nola import NOLALoRALinear
+    from course.olora import OLoRALinear
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({name: nn.Linear(6, 5) for name in ("lora", "nola", "olora", "plain")})
+    model["lora"] = LoRALinear(model["lora"], 2, 4)
+    model["nola"] = NOLALoRALinear(model["nola"], 2, 4, num_basis_A=8, num_basis_B=8, seed=1)
+    model["olora"] = OLoRALinear(model["olora"], 2, 4)
+    return model
+
+
+def test_every_list_of_layers_counts_by_one_rule():
+    """lora_layers, nola_layers, OLoRA's layers and what save_peft_adapter writes: one rule (adapter_layers)."""
+    from course.nola import nola_layers
+    from course.olora import _olora_layers
+    from course.surgery import adapter_layers
+
+    model = _one_of_each()
+    assert set(lora_layers(model)) == set(adapter_layers(model)) == {"lora", "nola", "olora"}
+    assert set(nola_layers(model)) == {"nola"} and set(_olora_layers(model)) == {"olora"}
+    assert set(nola_layers(model)) | set(_olora_layers(model)) <= set(lora_layers(model))
+    # A layer passed on its own is no model of layers: it has no name to save it under, in any of the lists.
+    bare = model["nola"]
+    assert lora_layers(bare) == nola_layers(bare) == {}
+    with pytest.raises(ValueError, match="no OLoRA layers"):
+        _olora_layers(model["olora"])
+
+
+def test_save_peft_adapter_writes_exactly_the_layers_lora_layers_counts(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from course.lora import save_peft_adapter
+    from course.nola import save_nola
+
+    model = _one_of_each()
+    del model["olora"]  # a PEFT config holds one variant: plain LoRA and NOLA (exported as plain LoRA) here
+    save_peft_adapter(model, tmp_path / "both")
+    with safe_open(tmp_path / "both" / "adapter_model.safetensors", "pt") as f:
+        written = {key.removeprefix("base_model.model.").partition(".")[0] for key in f.keys()}
+    assert written == set(lora_layers(model)) == {"lora", "nola"}
+    assert json.loads((tmp_path / "both" / "adapter_config.json").read_text())["target_modules"] == ["lora", "nola"]
+    # A bare layer has no module name: nothing to write, said as such (it used to be saved under the name "").
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        save_peft_adapter(model["lora"], tmp_path / "bare")
+    with pytest.raises(ValueError, match="no NOLALoRALinear layers"):
+        save_nola(model["nola"], tmp_path / "bare-nola")
+
+
+def test_a_learners_layer_is_counted_and_named_when_it_cannot_be_written(tmp_path):
+    from course.lora import save_peft_adapter
+
+    model = _one_of_each()
+    model["mine"] = _LearnersLoRA(nn.Linear(6, 5))
+    assert "mine" in lora_layers(model)
+    with pytest.raises(ValueError, match=r"1 of the model's 4 LoRA layers .* mine \(_LearnersLoRA\) have no "
+                                         r"peft_state\(\).*inject_lora"):
+        save_peft_adapter(model, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()  # refused before anything was written
+    only_mine = nn.ModuleDict({"mine": _LearnersLoRA(nn.Linear(6, 5))})
+    with pytest.raises(ValueError, match=r"1 of the model's 1 LoRA layers"):  # not "no LoRA layers: inject_lora"
+        save_peft_adapter(only_mine, tmp_path / "mine")
+
+
+class _Picky(LoRALinear):
+    """Builds like LoRALinear (freezing its base) and then refuses a narrow layer, as a rank check would."""
+
+    changes_base_weight = True
+
+    def __init__(self, base, r, alpha, **options):
+        super().__init__(base, r, alpha, **options)
+        with torch.no_grad():
+            base.weight.mul_(2)  # a base-changing initialisation (OLoRA's residual), before the refusal
+        if base.out_features < 3:
+            raise ValueError("too narrow for this layer")
+
+
+@pytest.mark.parametrize("inject", ["inject_lora", "inject_lora_linear"])
+def test_every_injection_is_all_or_none(inject):
+    """When one target fails, the model is as it was: no layer swapped, no base frozen or changed."""
+    import course.lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="too narrow"):
+        getattr(course.lora, inject)(model, ["0", "1"], 2, 4, layer=_Picky)
+    assert all(type(m) is nn.Linear for m in model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    getattr(course.lora, inject)(model, ["0"], 2, 4, layer=_Picky)  # the layer that fits goes in
+    assert isinstance(model[0], _Picky) and type(model[1]) is nn.Linear
+
+
+def test_swap_in_passes_none_for_a_missing_name_and_puts_everything_back_on_failure():
+    from course.surgery import swap_in
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    seen = {}
+
+    def build(name, module):
+        seen[name] = module
+        if module is None:
+            raise KeyError(f"no module {name}")
+        return LoRALinear(module, 2, 4)
+
+    with pytest.raises(KeyError, match="no module 7"):
+        swap_in(model, ["0", "1", "7"], build)
+    assert seen["7"] is None and seen["0"] is model[0]
+    assert all(type(m) is nn.Linear for m in model) and all(p.requires_grad for p in model.parameters())
+    assert swap_in(model, ["1"], build) is model and isinstance(model[1], LoRALinear)

@@ -13,7 +13,7 @@ from torch import nn
 
 from course.adapters.anatomy import delta_weight as _delta_weight_solution
 from course.adapters.anatomy import lora_parameter_count as _count_solution
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 from course.surgery import matches_target
 
 
@@ -80,7 +80,7 @@ def _rslora_and_pattern_model():
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     # float32 products of a few numbers of order 1: 1e-5 is far above rounding, far below any mistake
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    return close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _call(answer, model, module_name: str) -> torch.Tensor:
@@ -225,11 +225,12 @@ def _linears(model: nn.Module, targets) -> list[nn.Linear]:
     hint=[
         "A LoRA layer adds two thin matrices beside the frozen weight: A (r x in_features) and "
         "B (out_features x r). Which layers get one?",
-        "Walk `model.named_modules()`; a layer is targeted when it is an `nn.Linear` and the last part "
-        "of its name (`name.split('.')[-1]`) is in `target_modules`. Biases and the base weights are not "
-        "part of the adapter.",
+        "Walk `model.named_modules()`; a layer is targeted when it is an `nn.Linear` and its name is one "
+        "of `target_modules` or ends in `'.' + target` (PEFT's rule: `q_proj` and `0.q_proj` both pick "
+        "`layers.0.q_proj`). Biases and the base weights are not part of the adapter.",
         "Add up `r * (module.in_features + module.out_features)` over every `name, module` in "
-        "`model.named_modules()` with `isinstance(module, nn.Linear) and name.split('.')[-1] in target_modules`.",
+        "`model.named_modules()` with `isinstance(module, nn.Linear)` and "
+        "`any(name == t or name.endswith('.' + t) for t in target_modules)`.",
     ],
     solution=_count_solution,
     reference="course.adapters.anatomy:lora_parameter_count",
@@ -243,6 +244,7 @@ def lora_parameter_count(answer):
         ("a 2-block model, r=2 on q_proj and v_proj", _Tiny(), 2, ["q_proj", "v_proj"]),
         ("a 3-block model, r=4 on every projection", _Tiny(blocks=3), 4, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
         ("a 2-block model of other widths, r=3 on k_proj and down_proj", _Tiny(width=8, narrow=2, hidden=5), 3, ["k_proj", "down_proj"]),
+        ("a 2-block model, r=2 on 0.q_proj (block 0's only) and v_proj", _Tiny(), 2, ["0.q_proj", "v_proj"]),
     ]
     for label, model, r, targets in cases:
         got = answer(model, r, list(targets))
@@ -270,6 +272,10 @@ def lora_parameter_count(answer):
             want // blocks: f"you counted one block; the target names match in each of the {blocks} blocks.",
             sum(r * (m.in_features + m.out_features) for m in all_linears): "you counted every Linear layer; "
             "only those whose name ends in one of the target modules get an adapter.",
+            sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and n.split(".")[-1] in targets): "you compared the last part of each "
+            "name with the targets, so a dotted target such as `0.q_proj` matched nothing. PEFT's rule: a name "
+            "matches when it is a target or ends in '.' + target (`0.q_proj` picks `layers.0.q_proj`).",
         }
         mistakes.pop(want, None)
         reason = mistakes.get(got, "look at which layers are targeted and what A and B add to each.")

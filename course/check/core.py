@@ -331,6 +331,20 @@ def check(name: str, *, hint, solution, timeout: float = 120.0, reference: str |
     return wrap
 
 
+def close(got, want, *, rtol: float, atol: float, equal_nan: bool = False) -> bool:
+    """The checks' one test of "the same numbers": the same shape, and ``torch.allclose`` in float64.
+
+    Both sides are compared in float64 (exact for float32, bfloat16 and float16 values), so an answer
+    that computes in another dtype is judged on its numbers. Each check passes the tolerances its
+    rounding allows, next to the reason for them.
+    """
+    import torch
+
+    return tuple(got.shape) == tuple(want.shape) and torch.allclose(
+        got.detach().to(torch.float64), want.detach().to(torch.float64).to(got.device), rtol=rtol, atol=atol,
+        equal_nan=equal_nan)
+
+
 def expect(condition: bool, message: str) -> None:
     """Fail the check with ``message`` unless ``condition`` holds."""
     if not condition:

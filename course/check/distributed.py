@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 
 IGNORE = -100
 VOCAB = 7
@@ -86,7 +86,7 @@ def _reference(logits_per_rank, labels_per_rank):
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     # float32 cross-entropies of a dozen tokens: rounding ~1e-6; every mistake is off by 10 % or more.
-    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-6, equal_nan=True)
+    return close(got, want, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
 def _mistakes(sums, counts, positions):
@@ -177,7 +177,7 @@ def _judge(answer, label, logits_per_rank, labels_per_rank) -> None:
                               "its own batch's logits; what ranks share is one number, the count of answer tokens "
                               "(an all_reduce). Compute rank r's loss from logits_per_rank[r] alone.")
         mine = grads[r]
-        expect(mine is not None and torch.allclose(mine / n, want_grads[r], rtol=1e-4, atol=1e-7),
+        expect(mine is not None and close(mine / n, want_grads[r], rtol=1e-4, atol=1e-7),
                f"{where}: the gradient of rank {r}'s loss, averaged by DDP over {n} ranks, is not the one-process "
                f"gradient on rank {r}'s logits, although the values agree. Compute the loss with differentiable torch "
                "operations (F.cross_entropy with reduction='sum'), not from constants.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 from course.check.toy_models import _LlamaLike, _T5Like, _ViTLike
 from course.surgery import matches_target
 
@@ -130,7 +130,7 @@ def _judge_injection(answer, label, model, targets, x) -> None:
            "`p.requires_grad_('lora_' in name)` over `model.named_parameters()`.")
     with torch.no_grad():
         after = got_model(x)
-    expect(after.shape == before.shape and torch.allclose(after, before, atol=1e-6),
+    expect(close(after, before, rtol=1e-5, atol=1e-6),
            f"For {label} the model computes something else after your injection, though B = 0. "
            "Wrap the module you found, unchanged: `layer(module, r, alpha)`.")
 

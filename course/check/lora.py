@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 
 R, ALPHA = 3, 6.0  # scaling alpha / r = 2, unlike alpha (6) or alpha / sqrt(r) (3.46)
 SCALING = ALPHA / R
@@ -39,7 +39,7 @@ def _matrix(layer, attribute: str) -> torch.Tensor:
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
     # float32 sums of a few products of numbers of order 1: rounding is ~1e-6.
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=atol)
+    return close(a, b, rtol=1e-5, atol=atol)
 
 
 def _base_weight(layer, base: nn.Linear) -> torch.Tensor:
@@ -199,7 +199,7 @@ def _dropped_fraction(answer, shape, p: float) -> tuple[float, torch.Tensor]:
     kept = branch[~dropped]
     expected = full[~dropped]
     ratio = (kept * expected).sum(-1) / (expected * expected).sum(-1)  # per row, if kept * 1/(1-q)
-    whole_rows = torch.allclose(kept, ratio[:, None] * expected, rtol=1e-4, atol=1e-5)
+    whole_rows = close(kept, ratio[:, None] * expected, rtol=1e-4, atol=1e-5)
     expect(whole_rows, f"With dropout={p} in train mode your LoRA branch is not B A applied to a dropped-out "
            "x: dropout seems to act after A (on A x) or on the output. Apply it to the input of the "
            "LoRA branch, so that each input feature is kept or dropped as a whole: B(A(dropout(x))).")
@@ -232,7 +232,7 @@ def _check_dropout(answer, shape) -> None:
     for p, fraction, scale in ((0.2, low, low_scale), (0.6, high, high_scale)):
         expect(abs(fraction - p) < 0.05, f"With dropout={p} your layer drops {fraction:.0%} of the inputs to "
                f"the LoRA branch, not {p:.0%}. Use nn.Dropout(dropout) with the argument as given.")
-        expect(torch.allclose(scale, torch.full_like(scale, 1 / (1 - p)), rtol=1e-3),
+        expect(close(scale, torch.full_like(scale, 1 / (1 - p)), rtol=1e-3, atol=1e-8),
                f"With dropout={p} the inputs your LoRA branch keeps are scaled by {scale.mean().item():.3g}, "
                f"not by 1 / (1 - p) = {1 / (1 - p):.3g}. nn.Dropout(p) does this rescaling for you.")
 

@@ -19,14 +19,14 @@ import math
 import torch
 
 from course import merging
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 
 # float32 sums of a few products of numbers of order 1: rounding is ~1e-7, a mistake is order 1.
 RTOL, ATOL = 1e-5, 1e-6
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+    return close(a, b, rtol=RTOL, atol=ATOL)
 
 
 def _seeded(shape, n: int, seed: int) -> list[torch.Tensor]:
@@ -247,7 +247,7 @@ def _judge_one_draw(out: torch.Tensor, delta: torch.Tensor, density: float) -> N
            "drop: that is magnitude pruning (TIES's trim). DARE drops entries at random, whatever their size.")
     ratio = out[kept] / delta[kept]
     factor = ratio.median().item()
-    if not torch.allclose(ratio, torch.full_like(ratio, factor), rtol=1e-5):
+    if not close(ratio, torch.full_like(ratio, factor), rtol=1e-5, atol=1e-8):
         raise Failure("The entries you keep are not all rescaled by the same factor. Each survivor must be "
                       "exactly delta / density, every other entry 0.")
     if math.isclose(factor, 1.0, rel_tol=1e-5):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 from course.nola import random_basis
 
 K, ROWS, COLS, SEED = 6, 5, 7, 1234  # rows != cols, so that a transposed layout shows
@@ -35,7 +35,7 @@ def _inputs(dtype=torch.float64, k=K):
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     # Sums of K = 6 products of numbers below 1 in magnitude: float64 rounding is ~1e-16, and an
     # answer that computes in float32 inside is within ~1e-7. Any mistake is far above 1e-6.
-    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+    return close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def _call(answer, c, rows, cols, seed):

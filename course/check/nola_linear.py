@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 from course.nola import derive_seed, random_basis
 
 # ---------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def _nl_mistakes(base: nn.Linear, a: torch.Tensor, b: torch.Tensor, x: torch.Ten
 
 def _nl_close(got: torch.Tensor, want: torch.Tensor) -> bool:
     # float32 layers of six inputs: rounding ~1e-6; each mistake changes the output by over 1e-2.
-    return tuple(got.shape) == tuple(want.shape) and torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-5)
+    return close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _nl_build(answer):
@@ -260,7 +260,7 @@ def _nl_check_gradient(pristine, layer, a, b) -> None:
                                ("lora_B_coefficients", b, reference.lora_B_coefficients)):
         expect(mine.grad is not None, f"No gradient reached `{name}`: generate A and B from the coefficients with "
                "differentiable operations (GenerateParams.apply), not from a detached copy.")
-        expect(torch.allclose(mine.grad.double(), theirs.grad.double(), rtol=1e-4, atol=1e-6),
+        expect(close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6),
                f"The gradient of `{name}` is not the one of NOLA's forward, although the outputs agree.")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from course.check.core import Failure, check, expect
+from course.check.core import Failure, check, close, expect
 
 BETA = 0.3  # not the default 0.1: an answer that ignores its beta argument shows up
 BATCH = 6
@@ -35,7 +35,7 @@ def _reference(pc, pr, rc, rr, beta):
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     # float32 arithmetic on numbers of order 1: rounding is ~1e-7; 1e-5 leaves room for other orders.
-    return tuple(got.shape) == tuple(want.shape) and torch.allclose(got.float(), want.float(), rtol=1e-5, atol=1e-5)
+    return close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _as_tensor(value, where: str) -> torch.Tensor:
@@ -56,7 +56,7 @@ def _diagnose(got: torch.Tensor, args, beta: float) -> None:
     pc, pr, rc, rr = args
     want = _reference(pc, pr, rc, rr, beta)
     if got.dim() == 0 or got.numel() == 1 and want.numel() > 1:
-        if torch.allclose(got.float().reshape(()), want.mean(), rtol=1e-5, atol=1e-5):
+        if close(got.reshape(()), want.mean(), rtol=1e-5, atol=1e-5):
             raise Failure("You return the mean over the batch, one number. Return one loss per example "
                           f"(shape {tuple(want.shape)}); whoever trains takes `.mean()` (TRL does).")
         raise Failure(f"You return a single number; return one loss per example, shape {tuple(want.shape)}.")
@@ -137,7 +137,7 @@ def dpo_loss(answer):
     _reference(*ref, BETA).sum().backward()
     for name, got_grad, want_grad in (("policy_chosen_logps", leaves[0].grad, ref[0].grad),
                                       ("policy_rejected_logps", leaves[1].grad, ref[1].grad)):
-        expect(got_grad is not None and torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6),
+        expect(got_grad is not None and close(got_grad, want_grad, rtol=1e-4, atol=1e-6),
                f"The gradient with respect to {name} is not the one of the DPO loss.")
 
 
@@ -193,8 +193,7 @@ def _grpo_reference(rewards: torch.Tensor, group_size: int, scale: str) -> torch
 
 def _grpo_close(got: torch.Tensor, want: torch.Tensor) -> bool:
     # Advantages of order 1, float32 rounding ~1e-7; leaving out the 1e-4 changes them by ~1e-4.
-    return tuple(got.shape) == tuple(want.shape) and torch.allclose(got.double(), want.double(), rtol=1e-5,
-                                                                    atol=1e-5, equal_nan=True)
+    return close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 def _strided(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
