@@ -206,7 +206,9 @@ def _rank_cases():
     qkv = ["q_proj", "k_proj", "v_proj"]
     yield ("q, k and v with biases, bias='lora_only', met exactly at rank 4", biased, qkv,
            per(biased, qkv, 4, bias="lora_only"), "lora_only")
-    yield "q, k and v with biases, bias='none'", biased, qkv, per(biased, qkv, 4, bias="lora_only"), "none"
+    yield ("q, k and v with biases, bias='lora_only', the budget of rank 4 without biases", biased, qkv,
+           per(biased, qkv, 4), "lora_only")
+    yield "q, k and v with biases, bias='none'", biased, qkv, per(biased, qkv, 4), "none"
 
 
 def _rank_mistakes(model, targets, budget, bias):
