@@ -114,14 +114,19 @@ def as_object(method, n_params, n_trainable, n_quantised, dtype, adapter_dtype, 
     return Estimate(**{k: torch.tensor(float(v), dtype=torch.float64) for k, v in d.items()})
 
 
+def other_names(how, total, trained, four_bit, base_dtype, lora_dtype, dq):
+    """Parameters named differently: the check passes its arguments by position."""
+    return training_memory(how, total, trained, four_bit, base_dtype, lora_dtype, dq)
+
+
 def _fallback_solution():
     namespace = {"torch": torch, "TrainingMemory": TrainingMemory}
     exec(check.training_memory._solution, namespace)
     return namespace["training_memory"]
 
 
-@pytest.mark.parametrize("answer", [training_memory, as_dict, as_object, _fallback_solution()],
-                         ids=["reference", "dict", "object_of_tensors", "fallback_solution"])
+@pytest.mark.parametrize("answer", [training_memory, as_dict, as_object, other_names, _fallback_solution()],
+                         ids=["reference", "dict", "object_of_tensors", "other_names", "fallback_solution"])
 def test_correct_answers_pass(answer):
     result = check.training_memory.run(answer)
     assert result.status == "passed", result.message
@@ -187,7 +192,7 @@ def test_each_mistake_fails_with_its_own_message(name):
 
 
 def test_a_missing_field_and_a_stub():
-    result = check.training_memory.run(lambda **kw: {"weights": 1, "gradients": 2})
+    result = check.training_memory.run(lambda *args: {"weights": 1, "gradients": 2})
     assert result.status == "failed" and "no optimizer_state" in result.message
 
     def stub(*args, **kwargs):
