@@ -329,7 +329,10 @@ def _grade_in(sandbox, path, nb, chapter, expected, *, quick, timeout, run, star
             if line not in errors:
                 errors.append(line)
     sources = [source for _, source in definitions.cells]
-    flagged = [f for e in expected for f in flags(sources, e["answer"], e.get("solution", ""))]
+    # An answer may build on the chapter's other exercises (05's layer on its GenerateParams): what any of the
+    # chapter's own solutions takes from the course is part of the chapter, not a reach into its internals.
+    given = "\n\n\n".join(e.get("solution", "") for e in expected)
+    flagged = [f for e in expected for f in flags(sources, e["answer"], given)]
     tampered = [c for c in checks if c["status"] == TAMPERED]
     if tampered:
         flagged.insert(0, "tampering: " + tampered[0]["message"])

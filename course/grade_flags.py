@@ -4,8 +4,9 @@ Read from the learner's definitions with ``ast``, never by running them:
 
 - the answer's code (the answer expression and every top-level definition it reaches, transitively)
   names the course's reference modules (``course.lora``, ``course.check``, ...) beyond what the
-  course's own solution of that exercise uses (``course.nola.random_basis`` is part of chapter 05's
-  exercise; ``course.lora.LoRALinear`` is not part of chapter 02's);
+  course's own solutions of that chapter's exercises use (``course.nola.basis_chunks`` is part of
+  chapter 05's exercises, reached by its NOLA layer through the learner's ``GenerateParams``;
+  ``course.lora.LoRALinear`` is not part of chapter 02's);
 - any definition (they all run in the judging process) names stack frames (``sys._getframe``,
   ``inspect``, ``f_back``), ``gc``, ``ctypes``, ``sys.modules``, dynamic imports or execution
   (``importlib``, ``__import__``, ``eval``, ``exec``), or an object's insides (``__globals__``,
@@ -142,7 +143,7 @@ def flags(sources: list[str], answer: str, solution: str = "") -> list[str]:
     """Why a human should read this answer (an empty list: nothing to flag).
 
     ``sources``: the learner's kept definitions, cell by cell; ``answer``: the expression graded;
-    ``solution``: the course's own answer cell (its use of the course is not flagged).
+    ``solution``: the course's own answer cells of the chapter (their use of the course is not flagged).
     """
     learner = _Module(sources)
     given = _free_names(solution)  # names the exercise's own code takes from the course (03: LoRALinear)

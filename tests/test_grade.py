@@ -14,7 +14,7 @@ import pytest
 from course import notebooks
 from course.__main__ import main
 from course.definitions import extract, load
-from course.grade import Report, grade, judge
+from course.grade import GradeError, Report, grade, judge, resolve_assignment
 
 pytestmark = pytest.mark.notebook
 
@@ -97,12 +97,19 @@ def test_every_solution_gets_full_marks_and_every_student_notebook_zero(chapter)
         report = grade(path, run=False)
         assert report.expected == len(notebooks.load_manifest()[path.stem]["exercises"])
         unanswered = grade(notebooks.NOTEBOOKS / path.name, run=False)
-        if report.expected:
-            assert report.score == 1.0 and report.flagged == "", (path.name, report.checks, report.flagged)
-            assert unanswered.score == 0.0 and set(statuses(unanswered).values()) <= {"not_attempted"}, unanswered
-        else:  # a chapter without exercises (08): never a score, for either version
-            for row in (report, unanswered):
-                assert row.score is None and "has no exercises" in row.errors[0], row
+        assert report.expected >= 1, f"{chapter} has no exercise: every chapter carries its core in one"
+        assert report.score == 1.0 and report.flagged == "", (path.name, report.checks, report.flagged)
+        assert unanswered.score == 0.0 and set(statuses(unanswered).values()) <= {"not_attempted"}, unanswered
+        assert len(unanswered.checks) == report.expected, unanswered
+
+
+def test_a_chapter_without_exercises_is_never_scored(tmp_path):
+    manifest = {**notebooks.load_manifest(), "00_welcome": {"title": "00", "exercises": []}}
+    for path in (notebooks.SOLUTIONS / "00_welcome.ipynb", notebooks.NOTEBOOKS / "00_welcome.ipynb"):
+        row = grade(path, run=False, manifest=manifest)
+        assert row.score is None and "has no exercises" in row.errors[0], row
+    with pytest.raises(GradeError, match="is not a chapter with exercises"):
+        resolve_assignment("00", manifest)
 
 
 def test_a_planted_mistake_gets_the_checks_own_message(tmp_path):
@@ -192,6 +199,13 @@ def test_an_assignment_grades_every_file_as_its_chapter_and_refuses_another_chap
     ("05_nola", "class GenerateParams", "import course.nola\n\n\nclass GenerateParams:\n"
      "    apply = staticmethod(lambda c, rows, cols, seed: course.nola.GenerateParams.apply(c, rows, cols, seed))",
      "calls the course's reference"),
+    ("05_nola", "class NOLALoRALinear", "from course.nola import NOLALoRALinear", "course's own reference"),
+    ("06_merging", "def svd_truncate", "from course.merging import svd_truncate", "course's own reference"),
+    ("07_trl_rlhf", "def grpo_advantages", "import course.rlhf\n\n\ndef grpo_advantages(rewards, group_size, "
+     "scale_rewards='group'):\n    return course.rlhf.grpo_advantages(rewards, group_size, scale_rewards)",
+     "calls the course's reference"),
+    ("08_from_notebook_to_cluster", "def global_token_loss", "from course.distributed import global_token_loss",
+     "course's own reference"),
 ])
 def test_the_courses_reference_is_not_an_answer(tmp_path, chapter, cell, answer, phrase):
     report = grade(student(chapter, tmp_path, replace=(cell, answer)), run=False)

@@ -254,7 +254,7 @@ def test_the_assignment_grades_every_file_as_its_chapter(package, tmp_path):
     assert rows["homework.ipynb"]["expected"] == 2 and rows["homework.ipynb"]["score"] == 0.0
     assert rows["welcome.ipynb"]["score"] is None
     assert "not the assignment 02_lora_from_scratch" in rows["welcome.ipynb"]["errors"][0]
-    rc, rows, stderr = grade_cli(package, "--assignment", "08_from_notebook_to_cluster", other, cwd=tmp_path)
+    rc, rows, stderr = grade_cli(package, "--assignment", "99_no_such_chapter", other, cwd=tmp_path)
     assert rc == 2 and rows == {} and "not a chapter with exercises" in stderr
 
 

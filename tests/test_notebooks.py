@@ -185,6 +185,22 @@ def test_the_manifest_lists_each_chapters_exercises_and_is_kept_in_sync(sandbox)
     assert notebooks.load_manifest() == manifest
 
 
+def test_every_chapter_has_exercises_that_carry_its_core():
+    """Issue 24: chapters 05-08 each ask for the method itself, not only a helper; 06 no longer asks for a one-liner."""
+    checks = {chapter: [e["check"] for e in entry["exercises"]] for chapter, entry in notebooks.load_manifest().items()}
+    assert all(checks.values()), {chapter: names for chapter, names in checks.items() if not names}
+    assert checks["05_nola"] == ["generate_params", "nola_linear"]
+    assert checks["06_merging"] == ["ties_merge", "dare_prune", "svd_truncate"]
+    assert checks["07_trl_rlhf"] == ["dpo_loss", "grpo_advantages"]
+    assert checks["08_from_notebook_to_cluster"] == ["global_token_loss"]
+    answers = {e["check"]: e for entry in notebooks.load_manifest().values() for e in entry["exercises"]}
+    assert answers["nola_linear"]["answer"] == "NOLALoRALinear"
+    assert answers["nola_linear"]["solution"].startswith("class NOLALoRALinear(nn.Module):")
+    for name in ("svd_truncate", "grpo_advantages", "global_token_loss"):
+        assert answers[name]["answer"] == name and answers[name]["solution"].startswith(f"def {name}(")
+        assert notebooks.BEGIN not in answers[name]["solution"]
+
+
 def test_exercises_read_the_answer_expression():
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nresult = check.generate_params(GenerateParams.apply)"),
