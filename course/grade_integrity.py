@@ -7,9 +7,9 @@ functions; taken before the learner's definitions run, compared after they ran a
 check. A difference is tampering.
 
 ``fingerprint(root)`` / ``changed_file(before, root)``: in the grader, a hash of every file of the
-installed package and of the start-up hooks of the environment (``sitecustomize.py``,
-``usercustomize.py``, ``*.pth`` in the site-packages folders), taken at start and compared before
-every submission.
+installed package and of the start-up hooks Python would run (``*.pth``, ``sitecustomize.py`` and
+``usercustomize.py`` in the site-packages folders; the latter two also beside the package and on
+``sys.path``), taken at start and compared before every submission.
 """
 
 from __future__ import annotations
@@ -57,20 +57,25 @@ def changes(before: dict) -> list[str]:
     return [name for name, value in before.items() if after.get(name, missing) is not value]
 
 
-def _hooks() -> list[Path]:
-    folders = [*site.getsitepackages(), site.getusersitepackages()]
+_STARTUP = ("sitecustomize.py", "usercustomize.py")
+
+
+def _hooks(root: Path) -> list[Path]:
+    """``*.pth`` files and start-up modules in the site-packages folders, and start-up modules in the
+    folder holding the package (first on the path of the grader's processes) and on ``sys.path``."""
     found = []
-    for folder in map(Path, folders):
+    for folder in map(Path, [*site.getsitepackages(), site.getusersitepackages()]):
         if folder.is_dir():
-            found += sorted(p for p in folder.iterdir() if p.suffix == ".pth"
-                            or p.name in ("sitecustomize.py", "usercustomize.py"))
-    return found
+            found += sorted(p for p in folder.iterdir() if p.suffix == ".pth" or p.name in _STARTUP)
+    for folder in dict.fromkeys([Path(root).resolve().parent, *(Path(p) for p in sys.path if p)]):
+        found += [folder / name for name in _STARTUP if (folder / name).is_file()]
+    return list(dict.fromkeys(found))
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    """``{path: sha256}`` of every file of the package at ``root`` and of the environment's start-up hooks."""
+    """``{path: sha256}`` of every file of the package at ``root`` and of the start-up hooks Python would run."""
     files = [p for p in sorted(Path(root).rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files + _hooks()}
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files + _hooks(root)}
 
 
 def changed_file(before: dict[str, str], root: Path) -> str | None:

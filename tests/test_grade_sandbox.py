@@ -21,7 +21,7 @@ import nbformat
 import pytest
 
 from course import notebooks
-from course.grade_integrity import fingerprint
+from course.grade_integrity import changed_file, fingerprint
 from course.grade_sandbox import Limits, Mode, Sandbox, _sandbox_user, detect
 
 pytestmark = pytest.mark.notebook
@@ -127,7 +127,7 @@ def batch(package, tmp_path_factory):
     nbformat.write(huge, hand_ins / "n_huge.ipynb")
     student("02_lora_from_scratch", hand_ins / "o_claims_08.ipynb", metadata={"chapter": "08_from_notebook_to_cluster"})
     before = {p.name: p.read_bytes() for p in hand_ins.iterdir()}
-    package_before, hooks_before = fingerprint(package / "course"), hooks()
+    package_before, hooks_before = fingerprint(package), hooks()  # the root: a sitecustomize.py beside course/
     rc, rows, stderr = grade_cli(package, "--quick", "--timeout", "120", "--csv", gradebook, hand_ins, cwd=work)
     left = survivors()
     time.sleep(1.0)  # a detached writer would have struck by now
@@ -139,7 +139,7 @@ def test_the_batch_names_its_protections_and_leaves_everything_as_it_was(batch):
     assert batch["rc"] == 2, batch["stderr"][-2000:]  # some hand-ins could not be graded
     assert "sandbox user" in batch["stderr"] or "sandbox bwrap" in batch["stderr"]
     assert "limits: memory" in batch["stderr"]
-    assert fingerprint(batch["package"] / "course") == batch["package_before"]  # rows 1 and i: the package
+    assert fingerprint(batch["package"]) == batch["package_before"]  # rows 1, h and i: the package and beside it
     assert hooks() == batch["hooks_before"]  # row h: no sitecustomize.py, no .pth
     assert {p.name: p.read_bytes() for p in batch["hand_ins"].iterdir()} == batch["before"]  # row 2
     assert batch["survivors"] == [] and survivors() == []  # row 3 (row 8: its own test): no process outlived grading
@@ -284,6 +284,16 @@ def test_a_changed_package_stops_grading_naming_the_file(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert f"{fake / 'lora.py'} was changed" in err and "two.ipynb" in err and "no gradebook written" in err
     assert not (tmp_path / "grades.csv").exists()
+
+
+def test_a_startup_module_planted_beside_the_package_is_a_change(tmp_path):
+    fake = tmp_path / "pkg" / "course"
+    fake.mkdir(parents=True)
+    (fake / "lora.py").write_text("x = 1\n")
+    before = fingerprint(fake)
+    assert changed_file(before, fake) is None
+    (fake.parent / "sitecustomize.py").write_text("import course.check.core as c; c.FAILED = 'passed'\n")
+    assert changed_file(before, fake) == f"{fake.parent / 'sitecustomize.py'} appeared"
 
 
 def test_the_memory_limit_holds_inside_the_sandbox():
