@@ -72,28 +72,23 @@ def tiny_model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-smollm2"))
 
 
-# Under xdist (`make test`: ``-n 2 --dist loadgroup``) a module-scoped fixture is built once per worker
-# that runs the module's tests: the modules whose fixtures cost minutes (or that look at every
-# process on the machine) keep all their tests on one worker. Work is handed out in this order,
-# longest first, so that no long test starts last: these modules, then the notebook runs by their
-# time limit, then the rest as collected.
-ONE_WORKER = ("test_grade_sandbox", "test_classroom_nbgrader", "test_classroom_exports", "test_finetune",
-              "test_rlhf", "test_site", "test_wheel")
+# Under xdist (`make test`: ``-n 2``) work is handed out in collection order, so the suite is sorted
+# longest first, so that no long test starts last: the modules whose fixtures cost minutes, then the
+# notebook runs by their time limit, then the rest as collected. (A module-scoped fixture is built
+# once in each worker that runs one of the module's tests.)
+SLOW_FIXTURES = ("test_grade_sandbox", "test_classroom_nbgrader", "test_classroom_exports", "test_finetune",
+                 "test_rlhf", "test_site", "test_wheel")
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in ONE_WORKER:
-            return (0, ONE_WORKER.index(module), 0.0)
+        if module in SLOW_FIXTURES:
+            return (0, SLOW_FIXTURES.index(module), 0.0)
         if module == "test_notebooks_execute":
             return (1, 0, -_limit(item))
         return (2, 0, 0.0)
 
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(module))
     items.sort(key=rank)  # stable: the order within each rank is the collection's
 
 

@@ -27,7 +27,9 @@ from course.grade_sandbox import Limits, Mode, Sandbox, _sandbox_user, detect
 pytestmark = pytest.mark.notebook
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-MARKER = "COURSE-ATTACK-7f3a"  # in the command line of every process an attack starts
+# In the command line of every process an attack starts; per test process, so that two xdist workers
+# running this module side by side never count each other's attackers.
+MARKER = f"COURSE-ATTACK-7f3a-{os.getpid()}"
 RIGHT_COUNT = "def count_trainable(model):\n    return sum(p.numel() for p in model.parameters() if p.requires_grad)"
 STUB = "def count_trainable(model):\n    raise NotImplementedError()"
 
@@ -74,11 +76,11 @@ def student(chapter, path, *, replace=None, append=(), metadata=None):
     return path
 
 
-def survivors() -> list[str]:
+def survivors(marker: str = MARKER) -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and MARKER in (entry / "cmdline").read_bytes().decode(errors="replace"):
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
                 found.append(entry.name)
         except OSError:
             pass
@@ -163,11 +165,11 @@ def test_an_endless_notebook_with_a_setsid_child_is_stopped(package, tmp_path):
     hand_ins = tmp_path / "hand_ins"
     hand_ins.mkdir()
     small(hand_ins / "f_setsid_loop.ipynb", STUB, "import subprocess, sys\nsubprocess.Popen(['setsid', sys.executable, "
-          f"'-c', 'import time; time.sleep(3000)', '{MARKER}'])", "while True:\n    pass")
+          f"'-c', 'import time; time.sleep(3000)', '{MARKER}-setsid'])", "while True:\n    pass")
     _, rows, stderr = grade_cli(package, "--quick", "--timeout", "30", hand_ins, cwd=tmp_path)
     row = rows["f_setsid_loop.ipynb"]
     assert row["score"] == 0.0 and "did not finish within 30 s" in row["errors"][0], (row, stderr[-2000:])
-    assert survivors() == [], "a process the notebook started outlived its grading"
+    assert survivors(f"{MARKER}-setsid") == [], "a process the notebook started outlived its grading"
 
 
 def test_a_huge_allocation_fails_inside_the_limit(batch):
