@@ -25,8 +25,9 @@ def test_every_notebook_has_a_measured_time_for_each_pass_it_can_take():
 
 
 def test_no_limit_is_the_old_flat_fifteen_minutes():
+    # Each from its own measured time (the emulated path's may pass 900 s: it is measured, not flat).
     limits = [runs.time_limit(kind, path.stem)[0] for kind, path in runs.CASES]
-    assert max(limits) < 900 and len(set(limits)) > 3
+    assert 900 not in limits and runs.UNMEASURED_LIMIT not in limits and len(set(limits)) > 3
 
 
 @pytest.mark.parametrize("native", [True, False])
