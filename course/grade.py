@@ -215,7 +215,7 @@ def execute(path: Path, timeout: float, quick: bool, sandbox=None, data: bytes |
         copy, report = sandbox.work / "submission.ipynb", sandbox.work / "report.json"
         copy.write_bytes(Path(path).read_bytes() if data is None else data)
         if sandbox.mode.kind == "user":
-            os.chown(copy, sandbox.mode.uid, sandbox.mode.gid)
+            os.chown(copy, sandbox.uid, sandbox.gid)
         start = time.perf_counter()
         process = sandbox.popen([sys.executable, "-m", "course.grade_worker", "execute", str(copy), str(report)],
                                 env=sandbox.environment(_environment(quick)), stdout=subprocess.DEVNULL,

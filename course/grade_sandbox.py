@@ -5,10 +5,12 @@ Each submission runs from a private copy in a temporary folder of its own, under
 that folder. What the machine offers decides how (``detect``), and the grader prints it:
 
 - ``user``: the grader runs as root and the interpreter, the package and the model cache are
-  readable by others: every process of the submission runs as the unprivileged user
-  ``course-sandbox`` (created once with ``useradd`` when missing), with its own HOME and TMPDIR,
-  no new privileges, and is killed by user id afterwards (``kill(-1)`` as that user); files it
-  left in ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are removed.
+  readable by others: every process of the submission runs as an unprivileged user of its own
+  (``course-sandbox``, or ``course-sandbox-1``, ``-2``... when other sandboxes are open at the same
+  time: each sandbox holds its user by a lock for its lifetime; created with ``useradd`` when
+  missing), with its own HOME and TMPDIR, no new privileges, and is killed by user id afterwards
+  (``kill(-1)`` as that user), so two graders side by side never end each other's processes; files
+  it left in ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are removed.
 - ``bwrap``: bubblewrap (the Debian package ``bubblewrap``) where user namespaces work: the whole
   file system is mounted read-only except the submission's folder (its HOME and TMPDIR), with a
   private ``/dev``, no network, and process ids of its own; when its first process ends, the kernel ends
@@ -21,6 +23,7 @@ that folder. What the machine offers decides how (``detect``), and the grader pr
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import pwd
@@ -39,6 +42,8 @@ USER = "course-sandbox"
 GIB = 1 << 30
 _PIDS_V1 = Path("/sys/fs/cgroup/pids")
 _PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG = 38, 1
+SLOTS = 16  # sandboxes open at once in ``user`` mode, each with a user of its own
+_LOCKS = Path("/run/lock/course-sandbox")
 
 
 class SandboxError(RuntimeError):
@@ -91,18 +96,42 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _sandbox_user(create: bool) -> tuple[int, int] | None:
+def _sandbox_user(create: bool, name: str = USER) -> tuple[int, int] | None:
     try:
-        entry = pwd.getpwnam(USER)
+        entry = pwd.getpwnam(name)
     except KeyError:
         if not create or shutil.which("useradd") is None:
             return None
         done = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                               "--shell", "/usr/sbin/nologin", USER], capture_output=True)
+                               "--shell", "/usr/sbin/nologin", name], capture_output=True)
         if done.returncode:
             return None
-        entry = pwd.getpwnam(USER)
+        entry = pwd.getpwnam(name)
     return entry.pw_uid, entry.pw_gid
+
+
+def _claim_user(mode: Mode):
+    """A user no other open sandbox has: ``(uid, gid, lock)``; the lock (an open file) holds it until closed.
+
+    Slot 0 is ``mode``'s own user; the others are ``course-sandbox-N``, created when first needed.
+    When every slot is taken, wait for slot 0."""
+    try:
+        _LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder, prefix = _LOCKS, ""
+    except OSError:
+        folder, prefix = Path(tempfile.gettempdir()), "course-sandbox-slot-"
+    for slot, wait in [*((slot, False) for slot in range(SLOTS)), (0, True)]:
+        lock = open(folder / f"{prefix}{slot}.lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        ids = (mode.uid, mode.gid) if slot == 0 else _sandbox_user(create=True, name=f"{USER}-{slot}")
+        if ids is not None:
+            return (*ids, lock)
+        lock.close()
+    raise SandboxError(f"no user could be claimed for the sandbox (useradd {USER}-N failed?)")
 
 
 def _probe(mode: Mode, package_root: Path) -> bool:
@@ -128,8 +157,9 @@ def detect(package_root: str) -> Mode:
         if ids is None:
             reasons.append(f"no user {USER} and useradd failed")
         else:
-            mode = Mode("user", [f"runs as the unprivileged user {USER} (uid {ids[0]}), own HOME and TMPDIR, "
-                                 "no new privileges", "killed by user id after each step"], *ids)
+            mode = Mode("user", [f"runs as the unprivileged user {USER} (uid {ids[0]}; {USER}-N for graders "
+                                 "side by side), own HOME and TMPDIR, no new privileges",
+                                 "killed by user id after each step"], *ids)
             if _probe(mode, root):
                 return mode
             reasons.append(f"{USER} cannot read the interpreter {sys.executable}, the package or torch")
@@ -166,12 +196,15 @@ class Sandbox:
         self.root = Path(tempfile.mkdtemp(prefix="course-grade-", dir=parent))
         self.root.chmod(0o711)  # the grader's files (specs) are readable inside, not listable
         self.work = self.root / "work"
+        self._namespaces: dict[str, tuple[int, str]] = {}  # pid namespace -> its first process and start time
+        self._cgroup = None
+        self.uid, self.gid, self._lock = _claim_user(mode) if mode.kind == "user" else (None, None, None)
+        if self.uid is not None:
+            self.stop()  # whatever a crashed grader left running as this user
         for folder in (self.work, self.work / "home", self.work / "tmp"):
             folder.mkdir(mode=0o700)
             if mode.kind == "user":
-                os.chown(folder, mode.uid, mode.gid)
-        self._namespaces: set[str] = set()
-        self._cgroup = None
+                os.chown(folder, self.uid, self.gid)
         if mode.kind == "bwrap" and _pids_cgroup_possible():
             try:
                 self._cgroup = _PIDS_V1 / self.root.name
@@ -191,7 +224,7 @@ class Sandbox:
         return env
 
     def _preexec(self):
-        limits, mode, cgroup = self.limits, self.mode, self._cgroup
+        limits, mode, cgroup, uid, gid = self.limits, self.mode, self._cgroup, self.uid, self.gid
 
         def setup():  # in the child, before exec
             os.setsid()
@@ -203,8 +236,8 @@ class Sandbox:
             limits.apply()
             if mode.kind == "user":
                 os.setgroups([])
-                os.setgid(mode.gid)
-                os.setuid(mode.uid)
+                os.setgid(gid)
+                os.setuid(uid)
 
         return setup
 
@@ -232,9 +265,22 @@ class Sandbox:
         try:
             child = json.loads(data.decode() or "{}").get("child-pid")
             if child:
-                self._namespaces.add(os.readlink(f"/proc/{child}/ns/pid"))
+                self._namespaces[os.readlink(f"/proc/{child}/ns/pid")] = (child, _start_time(child))
         except (ValueError, OSError):
             pass
+
+    def _live_namespaces(self) -> set[str]:
+        """The noted pid namespaces whose first process still runs. When that process ends, the kernel ends
+        every other one in its namespace, and the namespace's number may then be given to another
+        sandbox's (another grader's) processes: a dead one is forgotten, never searched again."""
+        for namespace, (pid, started) in list(self._namespaces.items()):
+            try:
+                alive = _start_time(pid) == started and not _dead(pid)
+            except OSError:
+                alive = False
+            if not alive:
+                del self._namespaces[namespace]
+        return set(self._namespaces)
 
     def run(self, argv: list[str], *, env: dict, timeout: float) -> subprocess.CompletedProcess:
         process = self.popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -260,7 +306,7 @@ class Sandbox:
             if time.monotonic() > end:
                 raise SandboxError(f"Processes {sorted(left)} of a submission could not be stopped.")
             if self.mode.kind == "user":
-                _kill_as(self.mode.uid)
+                _kill_as(self.uid)
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -268,21 +314,22 @@ class Sandbox:
                     pass
             time.sleep(0.02)
         if self.mode.kind == "user":
-            _sweep_shared_tmp(self.mode.uid)
+            _sweep_shared_tmp(self.uid)
 
     def _survivors(self) -> set[int]:
         found = set()
         if self._cgroup is not None:
             found |= {int(p) for p in (self._cgroup / "cgroup.procs").read_text().split()}
-        if self.mode.kind == "user" or self._namespaces:
+        namespaces = set() if self._cgroup is not None else self._live_namespaces()  # a cgroup holds them all
+        if self.mode.kind == "user" or namespaces:
             for entry in os.scandir("/proc"):
                 if not entry.name.isdigit():
                     continue
                 try:
                     if self.mode.kind == "user":
-                        if _real_and_effective_uid(entry.name) & {self.mode.uid}:
+                        if _real_and_effective_uid(entry.name) & {self.uid}:
                             found.add(int(entry.name))
-                    elif os.readlink(f"/proc/{entry.name}/ns/pid") in self._namespaces:
+                    elif os.readlink(f"/proc/{entry.name}/ns/pid") in namespaces:
                         found.add(int(entry.name))
                 except OSError:
                     pass
@@ -296,6 +343,15 @@ class Sandbox:
             except OSError:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()  # the user is free for the next sandbox
+            self._lock = None
+
+
+def _start_time(pid: int) -> str:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat's 22nd field): with the pid, who it is."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[19]
 
 
 def _dead(pid: int) -> bool:

@@ -211,7 +211,7 @@ def test_package_data_ships_the_results_in_the_stores_layout(toy, folders):
         assert any(len(PurePosixPath(p).parts) == len(path.parts) and path.match(p) for p in patterns), path
 
 
-def test_the_code_fingerprint_covers_every_python_file_of_the_package(tmp_path, monkeypatch):
+def test_the_code_fingerprint_covers_every_python_file_but_the_machinery(tmp_path, monkeypatch):
     package = tmp_path / "course"
     (package / "sub").mkdir(parents=True)
     (package / "a.py").write_text("x = 1\n")
@@ -230,7 +230,12 @@ def test_the_code_fingerprint_covers_every_python_file_of_the_package(tmp_path, 
         second = fingerprint()
         assert second != first
         (package / "sub" / "b.py").rename(package / "b.py")  # the same code in another module
-        assert fingerprint() not in (first, second)
+        third = fingerprint()
+        assert third not in (first, second)
+        (package / "grade.py").write_text("z = 1\n")  # the grader cannot change a result
+        (package / "check").mkdir()
+        (package / "check" / "lora.py").write_text("z = 2\n")
+        assert fingerprint() == third
     finally:
         monkeypatch.undo()
         store.code_fingerprint.cache_clear()
@@ -487,3 +492,20 @@ def test_each_kind_of_real_arm_trains_and_scores_on_a_tiny_model(tiny_model_dir,
     assert not lora_layers(base)  # each arm trained a copy: OLoRA's residual did not reach the shared base
     fresh = load_base_model(progress=False)
     assert all(torch.equal(p, q) for p, q in zip(base.parameters(), fresh.parameters(), strict=True))
+
+
+def test_an_arm_imports_only_modules_its_fingerprint_covers(tiny_model_dir):
+    """The fingerprint leaves out the machinery (store.MACHINERY): an arm must not run any of it, or a
+    change there would change results that are still called current."""
+    code = ("import sys; from pathlib import Path; from course import experiments; from course.experiments import store\n"
+            "for name, arm in (('02-lora-rank', 'LoRA r=8'), ('03-dora-vs-lora', 'DoRA'),\n"
+            "                  ('04-olora-vs-lora-lr-2e-3', 'OLoRA'), ('05-nola-vs-lora', 'NOLA K=256'),\n"
+            "                  ('05-nola-vs-lora', 'VeRA r=256')):\n"
+            "    experiments.get(name).arm(arm).run(0, True)\n"
+            "files = [Path(m.__file__).relative_to(store.PACKAGE).as_posix() for n, m in list(sys.modules.items())\n"
+            "         if n.split('.')[0] == 'course' and getattr(m, '__file__', None)]\n"
+            "print('\\n'.join(f for f in files if not store.fingerprinted(f)))")
+    env = {**os.environ, "COURSE_MODEL": str(tiny_model_dir), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [], f"arms import machinery the fingerprint leaves out: {done.stdout.split()}"

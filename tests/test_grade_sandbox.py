@@ -322,9 +322,60 @@ def test_the_unprivileged_user_sandbox_ends_every_process_and_writes_nowhere_els
             if (box.work / "home" / "uid").is_file() and Path(f"/tmp/{MARKER}").exists():
                 break
             time.sleep(0.1)
-        assert (box.work / "home" / "uid").read_text().strip() == str(ids[0])
+        assert (box.work / "home" / "uid").read_text().strip() == str(box.uid) != "0"
         box.stop(process)
         assert box._survivors() == set() and not Path(f"/etc/{MARKER}").exists()
         assert not Path(f"/tmp/{MARKER}").exists()  # swept from the shared /tmp
     finally:
         box.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None, reason="needs root and useradd")
+def test_two_sandboxes_side_by_side_never_end_each_others_processes():
+    """Two graders at once (two pytest workers, two instructors' batches): each sandbox has a user of
+    its own, so ending one submission's processes (``kill(-1)`` as its user) spares the other's."""
+    mode = Mode("user", ["test"], *_sandbox_user(create=True))
+    first, second = Sandbox(mode, Limits.for_timeout(60)), Sandbox(mode, Limits.for_timeout(60))
+    try:
+        assert first.uid != second.uid
+        env = first.environment(dict(os.environ))
+        one = first.popen(["/bin/sh", "-c", "exec sleep 300", MARKER], env=env)
+        two = second.popen(["/bin/sh", "-c", "exec sleep 300", MARKER], env=second.environment(dict(os.environ)))
+        time.sleep(0.5)
+        assert one.poll() is None and two.poll() is None
+        first.stop(one)
+        assert one.poll() is not None and two.poll() is None, "stopping one sandbox ended the other's process"
+        second.stop(two)
+        assert two.poll() is not None
+    finally:
+        first.close()
+        second.close()
+    third = Sandbox(mode, Limits.for_timeout(60))  # the users are free again once closed
+    try:
+        assert third.uid in {first.uid, second.uid}
+    finally:
+        third.close()
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
+def test_a_finished_sandbox_never_ends_processes_of_a_namespace_number_given_to_another():
+    """A pid namespace's number (its inode) is reused once the namespace has ended. A sandbox that noted
+    it must not take a later sandbox's processes (another grader's, side by side) for its own."""
+    mode = Mode("bwrap", ["test"])
+    first, second = Sandbox(mode, Limits.for_timeout(60)), Sandbox(mode, Limits.for_timeout(60))
+    try:
+        done = first.popen(["/bin/sh", "-c", "exit 0"], env=first.environment(dict(os.environ)))
+        done.wait(timeout=60)
+        first.stop(done)
+        (noted,) = first._namespaces.values() or [(done.pid, "0")]
+        live = second.popen(["/bin/sh", "-c", "exec sleep 300", MARKER], env=second.environment(dict(os.environ)))
+        (taken,) = second._namespaces
+        first._namespaces = {taken: noted}  # as if the number had come round to the second sandbox
+        first._cgroup = None  # where no pids cgroup can be made, the namespaces are all a sandbox has
+        first.stop()
+        assert live.poll() is None, "the first sandbox ended the second one's process"
+        second.stop(live)
+        assert live.poll() is not None and second._survivors() == set()
+    finally:
+        first.close()
+        second.close()

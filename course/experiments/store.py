@@ -38,15 +38,27 @@ class StoreError(RuntimeError):
     """A result file that cannot be read, or a folder that cannot be written."""
 
 
+#: The course's machinery, which never runs inside an arm: changing it leaves results current.
+#: (tests/test_experiments.py checks that an arm imports none of these.)
+MACHINERY = ("check/", "classroom/", "experiments/cli.py", "__main__.py", "grade",
+             "site.py", "notebooks.py", "notebook_outputs.py", "gpu_check.py", "finetune", "checkpoints.py",
+             "practice.py")
+
+
+def fingerprinted(relative: str) -> bool:
+    """Whether the module at ``relative`` (a POSIX path inside the package) counts for the results."""
+    return "__pycache__" not in relative and not relative.startswith(MACHINERY)
+
+
 @functools.cache
 def code_fingerprint() -> str:
-    """SHA-256 over the path and bytes of every ``.py`` file of the ``course`` package (hex)."""
+    """SHA-256 over the path and bytes of every ``.py`` file of the ``course`` package that can change a
+    result (all but ``MACHINERY``: grading, classroom exports, the site, the command line), in hex."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()
-        if "__pycache__" in relative:
-            continue
-        digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+        if fingerprinted(relative):
+            digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
