@@ -13,6 +13,8 @@ from course import check
 from course.lora import LoRALinear
 from course.nola import GenerateParams, NOLALoRALinear, derive_seed, random_basis
 
+from answers import checks_own_solution
+
 # ---------------------------------------------------------------------------
 # Correct answers, written differently
 # ---------------------------------------------------------------------------
@@ -63,9 +65,7 @@ class WithSeedBuffer(nn.Module):
 
 
 def _fallback_solution():
-    namespace = {"torch": torch, "nn": nn, "math": math, "GenerateParams": GenerateParams, "derive_seed": derive_seed}
-    exec(check.nola_linear._solution, namespace)
-    return namespace["NOLALoRALinear"]
+    return checks_own_solution(check.nola_linear, "NOLALoRALinear", torch=torch, nn=nn, math=math, GenerateParams=GenerateParams, derive_seed=derive_seed)
 
 
 @pytest.mark.parametrize("answer", [NOLALoRALinear, OnLoRALinear, WithSeedBuffer, _fallback_solution()],

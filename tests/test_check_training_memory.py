@@ -10,6 +10,8 @@ from course.check.practice import tiny_llama
 from course.memory import tensor_bytes
 from course.practice import TrainingMemory, nf4_bytes_per_weight, training_memory
 
+from answers import checks_own_solution
+
 # ---------------------------------------------------------------------------
 # The reference against measurement
 # ---------------------------------------------------------------------------
@@ -120,9 +122,7 @@ def other_names(how, total, trained, four_bit, base_dtype, lora_dtype, dq):
 
 
 def _fallback_solution():
-    namespace = {"torch": torch, "TrainingMemory": TrainingMemory}
-    exec(check.training_memory._solution, namespace)
-    return namespace["training_memory"]
+    return checks_own_solution(check.training_memory, "training_memory", torch=torch, TrainingMemory=TrainingMemory)
 
 
 @pytest.mark.parametrize("answer", [training_memory, as_dict, as_object, other_names, _fallback_solution()],
