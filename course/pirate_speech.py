@@ -72,6 +72,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95); got {confidence!r}")
+    if not (isinstance(n, int) and isinstance(successes, int) and 0 <= successes <= n and n >= 1):
+        raise ValueError(f"successes={successes!r} of n={n!r}: give whole numbers with 0 <= successes <= n, n >= 1")
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
