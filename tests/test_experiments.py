@@ -444,7 +444,10 @@ def test_the_registry_refuses_experiments_it_could_not_report():
 
 def test_the_chapters_experiments_are_registered_with_five_seeds():
     chapters = {e.chapter[:2] for e in experiments.EXPERIMENTS.values()}
-    assert {"02", "03", "04", "05"} <= chapters
+    assert {"02", "03", "04", "05", "06", "07"} <= chapters
+    for e in experiments.EXPERIMENTS.values():
+        if e.chapter[:2] in ("06", "07"):
+            assert e.seeds >= 5 and all(e.arm(a) for a in e.verdict) and e.description, e.name
     for name in ("02-lora-rank", "03-dora-vs-lora", "04-olora-vs-lora-lr-2e-4", "04-olora-vs-lora-lr-2e-3",
                  "05-nola-vs-lora"):
         e = experiments.get(name)
@@ -463,6 +466,7 @@ def test_list_json_from_a_fresh_process_has_exactly_the_contract_keys(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(result.stdout)
     assert {row["name"] for row in rows} >= {"02-lora-rank", "03-dora-vs-lora", "05-nola-vs-lora"}
+    assert {row["chapter"][:2] for row in rows} >= {"02", "03", "04", "05", "06", "07"}
     assert all(set(row) == CONTRACT_KEYS for row in rows)
 
 
@@ -494,18 +498,103 @@ def test_each_kind_of_real_arm_trains_and_scores_on_a_tiny_model(tiny_model_dir,
     assert all(torch.equal(p, q) for p, q in zip(base.parameters(), fresh.parameters(), strict=True))
 
 
-def test_an_arm_imports_only_modules_its_fingerprint_covers(tiny_model_dir):
+def test_an_arm_imports_only_modules_its_fingerprint_covers(tiny_model_dir, tiny_adapters_dir):
     """The fingerprint leaves out the machinery (store.MACHINERY): an arm must not run any of it, or a
     change there would change results that are still called current."""
     code = ("import sys; from pathlib import Path; from course import experiments; from course.experiments import store\n"
             "for name, arm in (('02-lora-rank', 'LoRA r=8'), ('03-dora-vs-lora', 'DoRA'),\n"
             "                  ('04-olora-vs-lora-lr-2e-3', 'OLoRA'), ('05-nola-vs-lora', 'NOLA K=256'),\n"
-            "                  ('05-nola-vs-lora', 'VeRA r=256')):\n"
+            "                  ('05-nola-vs-lora', 'VeRA r=256'), ('06-ties-vs-task-arithmetic-addition', 'TIES d=0.5'),\n"
+            "                  ('06-dare-density-pirate', 'DARE d=0.05'), ('07-sft', 'base model'),\n"
+            "                  ('07-grpo', 'SFT + DPO + GRPO'), ('07-dpo', 'SFT + DPO'),\n"
+            "                  ('07-lr-rule', 'full fine-tuning lr 5e-5')):\n"
             "    experiments.get(name).arm(arm).run(0, True)\n"
             "files = [Path(m.__file__).relative_to(store.PACKAGE).as_posix() for n, m in list(sys.modules.items())\n"
             "         if n.split('.')[0] == 'course' and getattr(m, '__file__', None)]\n"
             "print('\\n'.join(f for f in files if not store.fingerprinted(f)))")
-    env = {**os.environ, "COURSE_MODEL": str(tiny_model_dir), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "COURSE_MODEL": str(tiny_model_dir), "COURSE_ADAPTERS": str(tiny_adapters_dir),
+           "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [], f"arms import machinery the fingerprint leaves out: {done.stdout.split()}"
+
+
+def test_each_kind_of_chapter_06_and_07_arm_runs_and_scores_on_a_tiny_model(tiny_model_dir, tiny_adapters_dir,
+                                                                           monkeypatch):
+    """One arm of each new kind at the quick budget: merges scored on additions and on pirate speech, and
+    TRL's SFT, DPO and GRPO (chained: each stage's model is reused by the next arm of the same seed) and
+    section 2's short SFT runs."""
+    import math
+
+    monkeypatch.setenv("COURSE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("COURSE_ADAPTERS", str(tiny_adapters_dir))
+    n = experiments.QUICK.eval_examples
+    fractions = {("06-ties-vs-task-arithmetic-addition", "TIES d=0.5"): n, ("06-dare-density-pirate", "DARE d=0.05"): n,
+                 ("06-dare-addition-alone", "adapter merged"): n, ("07-sft", "SFT (LoRA)"): n,
+                 ("07-dpo", "SFT + DPO"): n // 2}
+    for (name, arm), count in fractions.items():
+        value = experiments.get(name).arm(arm).run(0, True)
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, (name, arm, value)
+        assert value * count == pytest.approx(round(value * count)), (name, arm, value)  # a share of `count`
+    reward = experiments.get("07-grpo").arm("SFT + DPO + GRPO").run(0, True)
+    assert isinstance(reward, float) and 0.0 <= reward <= 2.0  # right sum + bare number
+    loss = experiments.get("07-lr-rule").arm("LoRA lr 0.002 (40x, the course's)").run(0, True)
+    assert isinstance(loss, float) and math.isfinite(loss) and loss > 0
+
+
+def test_merges_draw_dares_masks_from_the_seed_and_nothing_else(tiny_model_dir, tiny_adapters_dir, monkeypatch):
+    import torch
+
+    from course.experiments.merging import deltas, merged_model
+
+    monkeypatch.setenv("COURSE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("COURSE_ADAPTERS", str(tiny_adapters_dir))
+    layers = deltas()
+    assert {a for by in layers.values() for a in by} == {"addition", "pirate"}
+    name = next(n for n, by in layers.items() if len(by) == 2)  # a layer both adapters change
+
+    def weight(method, density, seed, adapters=("addition", "pirate")):
+        torch.manual_seed(seed)
+        return merged_model(method, density, adapters).get_submodule(name).weight.detach().clone()
+
+    base = weight("sum", 0.5, 0, ())
+    total = layers[name]["addition"] + layers[name]["pirate"]
+    assert torch.allclose(weight("sum", 0.5, 0) - base, total, atol=1e-6)
+    assert torch.equal(weight("ties", 0.5, 0), weight("ties", 0.5, 1))
+    assert not torch.equal(weight("dare", 0.05, 0), weight("dare", 0.05, 1))
+    assert torch.equal(weight("dare", 0.05, 3), weight("dare", 0.05, 3))
+    kept = (weight("dare", 0.05, 0, ("addition",)) - base != 0).float().mean().item()
+    assert 0.02 < kept < 0.1  # about 5 % of the entries survive
+    with pytest.raises(ValueError, match="unknown merge method 'mean'"):
+        merged_model("mean", 0.5)
+
+
+def test_the_merges_score_held_out_additions_in_disjoint_blocks_one_per_seed():
+    from course.adapters.recipes import RECIPES
+    from course.data import addition_pairs
+    from course.experiments.merging import addition_sample
+
+    recipe = RECIPES["addition"]
+    trained = {f"What is {a}+{b}? Reply with the number only." for a, b in
+               addition_pairs(recipe.n_train, recipe.n_eval, recipe.seed)[0]}
+    blocks = [addition_sample(seed, 64) for seed in range(5)]
+    prompts = [p for block, _ in blocks for p in block]
+    assert len(prompts) == len(set(prompts)) == 320 and not trained & set(prompts)
+    for block, answers in blocks:
+        for prompt, answer in zip(block, answers, strict=True):
+            a, b = prompt.split()[2].rstrip("?").split("+")
+            assert int(a) + int(b) == int(answer)
+    assert addition_sample(2, 64) == blocks[2]
+
+
+def test_chapter_07s_experiments_use_the_notebooks_cpu_budget(monkeypatch):
+    from course.experiments.rlhf import rlhf_budget
+    from course.rlhf import rlhf_budget as notebook_budget
+
+    monkeypatch.delenv("COURSE_QUICK", raising=False)
+    assert rlhf_budget(False) == notebook_budget("cpu")
+    quick = rlhf_budget(True)
+    assert quick.sft_steps == quick.dpo_steps == quick.grpo_steps == experiments.QUICK.steps
+    lr = experiments.get("07-lr-rule")
+    assert not lr.higher_is_better and lr.verdict == ("LoRA lr 0.002 (40x, the course's)", "LoRA lr 5e-4 (10x)")
+    assert sorted(arm.settings["lr"] for arm in lr.arms) == [5e-5, 5e-5, 5e-4, 2e-3]

@@ -6,7 +6,8 @@
   (``COURSE_RESULTS``), and the code fingerprint that tells current results from stale ones;
 - ``runner``: ``run(name, seeds=5, quick=False)`` runs only the cells not yet done;
 - ``summary``: ``summarise(name)``, each arm's interval and the verdict (``course.evidence``);
-- ``addition``: the chapters' experiments (notebooks 02-05);
+- ``addition``: the chapters' experiments (notebooks 02-05); ``merging``: notebook 06's merges (addition and
+  pirate adapters); ``rlhf``: notebook 07's SFT, DPO and GRPO before and after, and its learning-rate rule;
 - ``cli``: ``python -m course experiments list [--json]`` and ``run NAME [--seeds N] [--quick]``.
 
 In a notebook::
@@ -16,7 +17,7 @@ In a notebook::
     print(experiments.summarise("03-dora-vs-lora").comparison.verdict)
 """
 
-from course.experiments import addition  # noqa: F401  (registers the chapters' experiments)
+from course.experiments import addition, merging, rlhf  # noqa: F401  (register the chapters' experiments)
 from course.experiments.registry import (
     DEFAULT_SEEDS,
     EXPERIMENTS,
