@@ -11,12 +11,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from answers import checks_own_solution
 from torch import nn
 
 from course import check
 from course.distributed import answer_token_loss_sum, global_token_loss
-
-from answers import checks_own_solution
 
 # ---------------------------------------------------------------------------
 # The reference: DDP with it equals one process

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from answers import checks_own_solution
 
 from course import check
 from course.rlhf import grpo_advantages
-
-from answers import checks_own_solution
 
 # ---------------------------------------------------------------------------
 # Correct answers, written differently

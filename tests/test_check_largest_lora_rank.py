@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from answers import checks_own_solution
 
 from course import check
 from course.check.practice import ALL_LINEAR, tiny_llama
 from course.practice import largest_lora_rank, lora_parameter_count
-
-from answers import checks_own_solution
 
 # ---------------------------------------------------------------------------
 # The reference against PEFT

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from answers import checks_own_solution
 from torch import nn
 
 from course import check
 from course.lora import LoRALinear
 from course.nola import GenerateParams, NOLALoRALinear, derive_seed, random_basis
-
-from answers import checks_own_solution
 
 # ---------------------------------------------------------------------------
 # Correct answers, written differently

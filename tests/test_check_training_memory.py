@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from answers import checks_own_solution
 
 from course import check
 from course.check.practice import tiny_llama
 from course.memory import tensor_bytes
 from course.practice import TrainingMemory, nf4_bytes_per_weight, training_memory
-
-from answers import checks_own_solution
 
 # ---------------------------------------------------------------------------
 # The reference against measurement
