@@ -193,6 +193,7 @@ def test_every_chapter_has_exercises_that_carry_its_core():
     assert checks["06_merging"] == ["ties_merge", "dare_prune", "svd_truncate"]
     assert checks["07_trl_rlhf"] == ["dpo_loss", "grpo_advantages"]
     assert checks["08_from_notebook_to_cluster"] == ["global_token_loss"]
+    assert checks["09_in_practice"] == ["largest_lora_rank", "training_memory"]
     answers = {e["check"]: e for entry in notebooks.load_manifest().values() for e in entry["exercises"]}
     assert answers["nola_linear"]["answer"] == "NOLALoRALinear"
     assert answers["nola_linear"]["solution"].startswith("class NOLALoRALinear(nn.Module):")
