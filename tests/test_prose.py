@@ -20,7 +20,7 @@ PLACEHOLDER = re.compile(r"\b[A-Z]{3,}_(?:LIST|NAME|TODO|HERE|PLACEHOLDER)\b|\bT
 # A sentence that names a winner: one of these words, outside code, math and quotation marks.
 VERDICT = re.compile(r"\b(wins?|won|winner|beats?|beaten|outperform\w*|better|worse|faster|slower)\b", re.I)
 # ... is fine with a printed interval over at least five seeds ("+0.03 [-0.05, +0.11] over 5 seeds") ...
-INTERVAL = re.compile(r"\[\s*[−+-]?\d[\d.]*\s*,\s*[−+-]?\d[\d.]*\s*\][^.]*?\bover (\d+) seeds")
+INTERVAL = re.compile(r"\[\s*[−+-]?\d[\d.]*\s*,\s*[−+-]?\d[\d.]*\s*\][^.]*?\bover (\d+) (?:paired )?(?:seeds|repeats)")
 # ... or when it says what the runs cannot tell.
 CANNOT_TELL = re.compile(r"\b(cannot|can't|can not) tell\b", re.I)
 
@@ -95,6 +95,8 @@ def test_the_verdict_rule_reads_sentences_as_intended():
     assert unsupported_verdicts("LoRA was faster on one seed; OLoRA won the other.")
     assert unsupported_verdicts("DoRA − LoRA = +0.03 [−0.01, +0.07] over 3 seeds, so DoRA is better.")
     assert not unsupported_verdicts("DoRA − LoRA = +0.05 [+0.01, +0.09] over 5 seeds: DoRA is better.")
+    assert not unsupported_verdicts("It was slower (+0.9 s [+0.2, +1.7] over 5 repeats of the step).")
+    assert unsupported_verdicts("It was slower (+0.9 s [+0.2, +1.7] over 3 repeats of the step).")
     assert not unsupported_verdicts("One seed each: these runs cannot tell which is better.")
     assert not unsupported_verdicts('The paper claims "significantly faster convergence".')
     assert not unsupported_verdicts("## 4. Does OLoRA converge faster?")
