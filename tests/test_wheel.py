@@ -36,8 +36,13 @@ print(json.dumps({"course": course.__file__, "adapter": str(adapter_path("additi
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     dist, site = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("site")
+    # Built from a copy: setuptools builds inside the source tree (build/, *.egg-info), and two builds of
+    # one tree at once (two test runs) collide there ("File exists: build/bdist...").
+    source = tmp_path_factory.mktemp("source") / "course-source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                                 ".pytest_cache", "_build", "dist", "site"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--disable-pip-version-check", "-q", "-w", str(dist), str(ROOT)],
+                            "--disable-pip-version-check", "-q", "-w", str(dist), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = dist.glob("course-*.whl")
