@@ -90,6 +90,39 @@ def pytest_collection_modifyitems(config, items):
         return (2, 0, 0.0)
 
     items.sort(key=rank)  # stable: the order within each rank is the collection's
+    for item in items:
+        shared = sorted(f"{item.module.__name__.rsplit('.', 1)[-1]}:{name}" for name in item.fixturenames
+                        if name in SHARED_FIXTURES)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group("+".join(shared)))
+
+
+# Module-scoped fixtures that cost tens of seconds: every test using one goes to the same worker
+# (``--dist loadgroup``), so that the fixture is built once, not once in each worker.
+SHARED_FIXTURES = {"batch", "judged", "course_dir", "autograder", "github_repo", "tiny_model", "dpo_trainer",
+                   "grpo_run", "built", "installed"}
+
+
+class _GroupIds:
+    """``--dist loadgroup`` with pytest 9: pytest-xdist 3.8 appends ``@group`` to ``item._nodeid``, which
+    pytest 9 no longer reads (the id lives in ``item._id``), so marked tests were spread over both
+    workers. This puts the suffix where pytest 9 reads it; it does nothing where xdist's own did."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not getattr(config.option, "loadgroup", False):
+            return
+        from _pytest.nodeid import NodeId
+
+        for item in items:
+            names = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                     for m in item.iter_markers("xdist_group")}
+            if names and "@" not in item.nodeid:
+                item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(names))}")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GroupIds(), "course-xdist-group-ids")
 
 
 def _limit(item) -> float:

@@ -35,7 +35,7 @@ def test_the_half_precision_plan_is_named_for_both_paths(monkeypatch, native):
     monkeypatch.setattr(runs, "BF16", runs.BF16.__class__(native, "test"))
     plan = runs.half_precision_plan()
     assert ("native" if native else "emulated") in plan
-    assert ("small random Llama" in plan) is (not native) and "once in 3 days" in plan
+    assert ("small random Llama" in plan) is (not native) and f"once in {runs.ROTATION} days" in plan
     assert runs.timing_key("solution-bf16", "02_lora_from_scratch") == (
         "solution-bf16" if native else "solution-bf16-tiny")
     assert runs.timing_key("solution", "02_lora_from_scratch") == "solution"

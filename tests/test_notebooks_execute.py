@@ -8,7 +8,7 @@
   How depends on the processor (``course.device.cpu_bfloat16``; ``COURSE_CPU_BFLOAT16=native|emulated``
   forces either path on any machine):
 
-  * bfloat16 native (AVX512-BF16, AMX): every third notebook (``ROTATION``, by the day) on the real
+  * bfloat16 native (AVX512-BF16, AMX): every fourth notebook (``ROTATION``, by the day) on the real
     base model, as on a GPU (all nine took 10-11 minutes of the suite's 30; a third, 3-4);
   * bfloat16 emulated (AVX2-only x86: over a hundred times slower than float32, which would take
     hours): the same share on a small random Llama of SmolLM2's architecture, tokenizer and module
@@ -56,7 +56,7 @@ TIMES = json.loads((Path(__file__).with_name("notebook_times.json")).read_text()
 LIMIT_FACTOR, LIMIT_SLACK, UNMEASURED_LIMIT = 3.0, 60.0, 600.0
 BF16 = cpu_bfloat16()
 
-ROTATION = 3  # the bfloat16 pass takes every ROTATION-th notebook the full way, by the day
+ROTATION = 4  # the bfloat16 pass takes every ROTATION-th notebook the full way, by the day
 SOLUTIONS = notebooks.solution_paths()
 CASES = ([("solution", p) for p in SOLUTIONS] + [("solution-bf16", p) for p in SOLUTIONS]
          + [("student", notebooks.NOTEBOOKS / p.name) for p in SOLUTIONS])
