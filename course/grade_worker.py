@@ -36,8 +36,9 @@ class UsedTheReference(BaseException):
 
 def _execute(notebook: str, report: str) -> int:
     import nbformat
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, DeadKernelError
+
+    from course.notebook_client import NotebookClient
 
     nb = nbformat.read(notebook, as_version=4)
     client = NotebookClient(nb, timeout=None, kernel_name="python3", allow_errors=True,

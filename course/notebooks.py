@@ -314,8 +314,9 @@ def execute(path: Path, *, timeout: int = 900, allow_errors: bool = False, env: 
 
     Widget outputs get a static text fallback from their final state (``static_widget_text``).
     """
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
+
+    from course.notebook_client import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
