@@ -126,7 +126,8 @@ def test_a_second_make_test_skips_installing():
 
 #: Modules that need an extra, and which; every other module of `course` imports with the base install.
 EXTRA_MODULES = {
-    "grade": ["course.grade", "course.grade_worker", "course.notebooks", "course.notebook_outputs"],
+    "grade": ["course.grade", "course.grade_worker", "course.notebook_client", "course.notebooks",
+              "course.notebook_outputs"],
     "site": ["course.site"],
     "classroom": ["course.classroom.nbgrader"],
 }

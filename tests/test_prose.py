@@ -2,7 +2,8 @@
 
 Checked by program where a sentence can be: no unfilled placeholders; chapter 00's map names every
 chapter; chapter 08 names every method the command takes; every sentence that names a winner either
-cites an interval over at least five seeds or says that the runs cannot tell; every chapter that
+cites an interval over at least five seeds or says that the runs cannot tell; every interval the prose
+quotes is one the notebook printed (so a re-run cannot leave stale numbers in the text); every chapter that
 quantises to 4 bits says that the base may already be the de-quantised Q4_1 copy; chapter 07's
 description of GRPO matches the settings TRL runs with.
 """
@@ -19,8 +20,9 @@ PLACEHOLDER = re.compile(r"\b[A-Z]{3,}_(?:LIST|NAME|TODO|HERE|PLACEHOLDER)\b|\bT
 
 # A sentence that names a winner: one of these words, outside code, math and quotation marks.
 VERDICT = re.compile(r"\b(wins?|won|winner|beats?|beaten|outperform\w*|better|worse|faster|slower)\b", re.I)
-# ... is fine with a printed interval over at least five seeds ("+0.03 [-0.05, +0.11] over 5 seeds") ...
-INTERVAL = re.compile(r"\[\s*[−+-]?\d[\d.]*\s*,\s*[−+-]?\d[\d.]*\s*\][^.]*?\bover (\d+) (?:paired )?(?:seeds|repeats)")
+# ... is fine with a printed interval over at least five seeds ("+0.03 [-0.05, +0.11] over 5 seeds"), repeats
+# of a timing, or weights (a deterministic computation, replicated over a model's layers) ...
+INTERVAL = re.compile(r"\[\s*[−+-]?\d[\d.]*\s*,\s*[−+-]?\d[\d.]*\s*\][^.]*?\bover (\d+) (?:paired )?(?:seeds|repeats|weights)")
 # ... or when it says what the runs cannot tell.
 CANNOT_TELL = re.compile(r"\b(cannot|can't|can not) tell\b", re.I)
 
@@ -90,6 +92,54 @@ def test_a_sentence_that_names_a_winner_has_an_interval_or_says_the_runs_cannot_
         "cannot tell, or quote the source whose claim it is:\n  " + "\n  ".join(found))
 
 
+# An interval quoted in prose: "+0.92 s [+0.18, +1.66]" (a value, an optional unit, the bounds).
+NUMBER = r"[−+-]?\d[\d.,]*"
+QUOTED = re.compile(rf"({NUMBER})\s*(?:[a-zA-Z%]+\s*)?\[\s*({NUMBER})\s*,\s*({NUMBER})\s*\]")
+
+
+def printed(notebook) -> str:
+    """Everything the notebook's code cells printed, with the minus sign as ASCII."""
+    texts = [output.get("text", "") or output.get("data", {}).get("text/plain", "")
+             for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    return "\n".join(texts).replace("−", "-")
+
+
+def stale_intervals(notebook) -> list[str]:
+    """Intervals quoted in markdown that no output of the notebook prints."""
+    out = printed(notebook)
+    stale = []
+    for cell in notebook.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for match in QUOTED.finditer(cell.source):
+            value, low, high = (re.escape(g.replace("−", "-")) for g in match.groups())
+            if not re.search(rf"{value}\s*(?:[a-zA-Z%]+\s*)?\[\s*{low}\s*,\s*{high}\s*\]", out):
+                stale.append(match.group(0))
+    return stale
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_every_interval_the_prose_quotes_is_one_the_notebook_printed(path):
+    stale = stale_intervals(nbformat.read(path, as_version=4))
+    assert not stale, (f"{path.name}: the prose quotes intervals that its outputs do not print (left from an earlier "
+                       f"run?): {stale}. Quote the printed line, or point at it without its numbers")
+
+
+def test_the_stale_interval_rule_reads_notebooks_as_intended():
+    def notebook(markdown_text, output_text):
+        cells = [nbformat.v4.new_markdown_cell(markdown_text), nbformat.v4.new_code_cell("print()")]
+        cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text=output_text)]
+        return nbformat.v4.new_notebook(cells=cells)
+
+    line = "checkpointing − none = +0.92 [+0.18, +1.66] over 5 paired seeds"
+    assert not stale_intervals(notebook("It was slower (+0.92 s [+0.18, +1.66] over 5 repeats).", line))
+    assert not stale_intervals(notebook("The gap, −0.54 [−1.09, +0.01], …", "= -0.54 [-1.09, +0.01] over 5"))
+    assert stale_intervals(notebook("It was slower (+0.92 s [+0.18, +1.66] over 5 repeats).",
+                                    line.replace("+1.66", "+1.67"))) == ["+0.92 s [+0.18, +1.66]"]
+    assert stale_intervals(notebook("Rank 8 wins: +0.84 [+0.22, +1.47] over 5 seeds.", "")) == ["+0.84 [+0.22, +1.47]"]
+    assert not stale_intervals(notebook("The list [1, 2] and x[0] are not intervals.", ""))
+
+
 def test_the_verdict_rule_reads_sentences_as_intended():
     assert unsupported_verdicts("DoRA beats LoRA here.") == ["DoRA beats LoRA here."]
     assert unsupported_verdicts("LoRA was faster on one seed; OLoRA won the other.")
@@ -97,6 +147,8 @@ def test_the_verdict_rule_reads_sentences_as_intended():
     assert not unsupported_verdicts("DoRA − LoRA = +0.05 [+0.01, +0.09] over 5 seeds: DoRA is better.")
     assert not unsupported_verdicts("It was slower (+0.9 s [+0.2, +1.7] over 5 repeats of the step).")
     assert unsupported_verdicts("It was slower (+0.9 s [+0.2, +1.7] over 3 repeats of the step).")
+    assert not unsupported_verdicts("LoftQ is better: −0.005 [−0.006, −0.004] over 60 paired weights.")
+    assert unsupported_verdicts("LoftQ is better: −0.005 [−0.006, −0.004] over 2 weights.")
     assert not unsupported_verdicts("One seed each: these runs cannot tell which is better.")
     assert not unsupported_verdicts('The paper claims "significantly faster convergence".')
     assert not unsupported_verdicts("## 4. Does OLoRA converge faster?")
