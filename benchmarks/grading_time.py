@@ -16,24 +16,32 @@ It prints, headed by the processor, every run's seconds, then per notebook the p
 difference sandboxed - before with its 95 % interval (``course.evidence.compare``) and the ratio
 of the means; the sandbox holds the issue's budget when that ratio is at most 1.10.
 
-Not yet run to completion with 5 runs: on 2026-12-03 (AMD EPYC, 2 cores shared with four other
-jobs, load 6 to 10; sandbox "bwrap": root, but the interpreter lies under a 0700 /root) one
-grading took 7 to 12 minutes even on a tiny random Llama (hidden size 64, all 30 blocks,
-``--model``), so only one run of each fitted, made by hand in the same way (not
-interleaved: sandboxed solution, sandboxed student, before solution, before student):
+Result, 2026-12-04 (AMD EPYC with AVX512-BF16, 2 cores, machine otherwise idle; sandbox "bwrap";
+``--runs 5 --model /tmp/tiny-llama --notebooks solution``, a random Llama with hidden size 64 and
+SmolLM2's 30 blocks, so that the notebook's own work is small and the sandbox's share as large as it
+gets):
 
-    notebook   sandboxed   before    sandboxed / before
-    solution     571.4 s   728.5 s   0.78  (load rose from about 6 to about 10 in between)
-    student      410.9 s   414.8 s   0.99
+    run  before  sandboxed   (seconds, score 1.0 every time)
+      1    27.4       28.5
+      2    26.8       27.8
+      3    28.4       28.2
+      4    29.6       29.3
+      5    29.1       28.4
+    solution: sandboxed - before = +0.2 s [-0.9, +1.2] over 5 pairs; ratio of means 1.006
 
-One pair per notebook gives no interval: the machine's load moved the times by more than the
-sandbox could. What the sandbox adds was timed on its own on the same machine: choosing it once
-(``detect``, a probe process) 0.37 s; the package fingerprint 0.02 s, three times for one hand-in; starting a process
-under bubblewrap 0.07 to 0.11 s instead of 0.01 s, three processes (the kernel's runner and the
-two checks); ending and removing a sandbox 0.02 to 0.04 s: under 1 s of a grading that takes
-minutes. Note that today's student notebook of chapter 02 calls ``course.lora.inject_lora_linear``,
-which the grader before the sandbox does not have: there its cells fail from cell 18 on and it does
-less work, so the student comparison favours "before"; the solution ran without errors in both.
+The interval's upper end, +1.2 s, is 4 % of a grading: within the 10 % budget. The sandbox's own
+steps, timed alone: choosing it once (``detect``, a probe process) 0.37 s; the package fingerprint
+0.02 s, three times per hand-in; starting a process under bubblewrap 0.07 to 0.11 s instead of
+0.01 s, three processes (the kernel's runner and the two checks); ending and removing a sandbox
+0.02 to 0.04 s.
+
+An earlier attempt (2026-12-03, on a machine loaded 6 to 10) had single gradings of 7 to 12 minutes
+and could not finish: those were not load but a stall. nbclient awaits each cell's reply in one
+``zmq.asyncio`` poll, which can miss its edge-triggered wake-up while the reply sits in the socket
+(seen with gdb: kernel idle, shell socket ``zmq.EVENTS`` = POLLIN, the poll still pending) and then
+waits for its whole timeout. ``course.notebook_client`` polls again every few seconds; the times
+above are with it. The student notebook is not compared: it calls ``course.lora.inject_lora_linear``,
+which the grader before the sandbox lacks, so there it fails from cell 18 on and does less work.
 """
 
 from __future__ import annotations
