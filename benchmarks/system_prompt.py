@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    tokenizer, base = load_tokenizer(), load_base_model(progress=False)
+    tokenizer, base = load_tokenizer(default_system_prompt=True), load_base_model(progress=False)
     splits = addition_splits(n_eval=args.questions)
     budget = default_budget("cpu")
     tokenizers = {"default": tokenizer, "empty system": with_empty_system(tokenizer)}

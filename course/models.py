@@ -282,14 +282,29 @@ def model_path(name: str | None = None, *, progress: bool = True) -> str:
     return _local_path(resolve_model(name), progress)
 
 
-def load_tokenizer(name: str | None = None):
-    """The tokenizer of the base model (see ``resolve_model`` for where it comes from)."""
+#: SmolLM2's chat template writes this system message into every conversation that has none:
+#: 16 of the 46 prompt tokens of an addition question (``benchmarks/system_prompt.py``).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def load_tokenizer(name: str | None = None, *, default_system_prompt: bool = False):
+    """The tokenizer of the base model (see ``resolve_model`` for where it comes from).
+
+    The course trains and evaluates without SmolLM2's default system prompt: its chat template
+    gets an empty system message instead (``<|im_start|>system\n<|im_end|>``), which made training
+    1.5 times and answering 1.4 times faster with the same held-out exact match (issue 23; README,
+    "Measured"). ``default_system_prompt=True`` keeps the model's own template. The template travels
+    with the tokenizer (``save_pretrained``), so a saved adapter's folder says how it was trained.
+    """
     from transformers import AutoTokenizer
 
     source = resolve_model(name)
     tokenizer = AutoTokenizer.from_pretrained(_local_path(source, progress=True))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    template = tokenizer.chat_template
+    if not default_system_prompt and isinstance(template, str) and DEFAULT_SYSTEM_PROMPT in template:
+        tokenizer.chat_template = template.replace(DEFAULT_SYSTEM_PROMPT, "")
     return tokenizer
 
 

@@ -42,7 +42,7 @@ class StoreError(RuntimeError):
 #: (tests/test_experiments.py checks that an arm imports none of these.)
 MACHINERY = ("check/", "classroom/", "experiments/cli.py", "__main__.py", "grade",
              "site.py", "notebooks.py", "notebook_outputs.py", "gpu_check.py", "finetune", "checkpoints.py",
-             "practice.py")
+             "practice.py", "experiments/show.py")
 
 
 def fingerprinted(relative: str) -> bool:
