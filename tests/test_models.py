@@ -212,3 +212,24 @@ def test_a_name_that_is_no_hub_id_is_a_model_not_found_error(monkeypatch):
     monkeypatch.delenv("COURSE_MODEL", raising=False)
     with pytest.raises(models.ModelNotFoundError, match="neither a local folder nor a valid hub id"):
         models.resolve_model("not a hub id!", network=False)
+
+
+def test_the_course_tokenizer_writes_an_empty_system_message_unless_asked_for_the_default(tokenizer):
+    """Issue 23's lever: SmolLM2's default system prompt is 16 of an addition question's 46 prompt tokens."""
+    question = [{"role": "user", "content": "What is 12+35? Reply with the number only."}]
+
+    def ids(tok):
+        out = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    text = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    assert models.DEFAULT_SYSTEM_PROMPT not in text
+    default = models.load_tokenizer(default_system_prompt=True)
+    assert models.DEFAULT_SYSTEM_PROMPT in default.apply_chat_template(question, add_generation_prompt=True,
+                                                                       tokenize=False)
+    assert len(ids(default)) - len(ids(tokenizer)) == len(default(models.DEFAULT_SYSTEM_PROMPT,
+                                                                  add_special_tokens=False)["input_ids"])
+    explicit = [{"role": "system", "content": "You are a pirate."}, *question]  # a given system message is kept
+    assert tokenizer.apply_chat_template(explicit, tokenize=False) == default.apply_chat_template(explicit,
+                                                                                                  tokenize=False)

@@ -1,4 +1,5 @@
-"""``python -m course experiments list [--json] [--quick]`` and ``run NAME [--seeds N] [--quick]``."""
+"""``python -m course experiments list [--json] [--quick]``, ``table [--readme [PATH]]`` and
+``run NAME [--seeds N] [--quick]``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def add_parser(groups) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON list (name, chapter, metric, seeds, arms, "
                          "difference, decided, better)")
     listing.add_argument("--quick", action="store_true", help="the quick-budget results (smoke tests) instead")
+    table = commands.add_parser("table", help="the README's table: every experiment's arms and verdict, in markdown")
+    table.add_argument("--readme", metavar="PATH", nargs="?", const="README.md", default=None,
+                       help="write it between the markers of this README (default README.md) instead of printing")
     running = commands.add_parser("run", help="run (or complete) one experiment, reusing finished seeds")
     running.add_argument("name", help="an experiment's name (see `experiments list`)")
     running.add_argument("--seeds", type=seeds_argument, default=None, metavar="N",
@@ -49,6 +53,19 @@ def main(args) -> int:
             print(json.dumps([s.to_json() for s in summaries], indent=2))
         else:
             print("\n\n".join(experiments.describe(s) for s in summaries))
+        return 0
+    if args.command == "table":
+        from course.experiments.show import markdown_table, update_readme
+
+        if args.readme is None:
+            print(markdown_table())
+            return 0
+        try:
+            changed = update_readme(args.readme)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.readme}: " + ("table updated" if changed else "table already current"))
         return 0
     if args.ship and args.quick:
         print("error: quick results are smoke tests and are not shipped: drop --quick or --ship", file=sys.stderr)

@@ -88,3 +88,60 @@ def _draw(summary: Summary, live: dict, ax) -> None:
     if own:
         plt.tight_layout()
         plt.show()
+
+
+# ---------------------------------------------------------------------------
+# The README's table: "What each method bought here"
+# ---------------------------------------------------------------------------
+
+README_START = "<!-- experiments table: python -m course experiments table --readme -->"
+README_END = "<!-- end of experiments table -->"
+
+
+def _number(x: float | None, decimals: int = 3) -> str:
+    return "—" if x is None else f"{x:.{decimals}f}".replace("-", "\u2212")
+
+
+def markdown_table(summaries=None) -> str:
+    """One row per experiment of chapters 02-07: its arms' means and 95 % intervals, and its verdict."""
+    from course.experiments.summary import summarise_all
+
+    summaries = summarise_all() if summaries is None else summaries
+    rows = ["| chapter | experiment | metric, budget | arms: mean [95 % interval] over the seeds | verdict |",
+            "| --- | --- | --- | --- | --- |"]
+    for s in summaries:
+        e = s.experiment
+        if s.seeds == 0:
+            arms, verdict = "no results yet", f"`python -m course experiments run {e.name}`"
+        else:
+            arms = "; ".join(f"{a.name} {_number(a.mean)}" + (f" [{_number(a.low)}, {_number(a.high)}]"
+                                                               if a.low is not None else "") for a in s.arms)
+            verdict = s.comparison.verdict if s.comparison is not None else "fewer than 2 seeds: no interval"
+            if s.stale:
+                verdict += " (STALE: made by earlier code)"
+        rows.append(f"| {e.chapter[:2]} | `{e.name}`: {e.description} | {e.metric}; {e.budget} | {arms} | {verdict} |")
+    return "\n".join(rows)
+
+
+def readme_block(summaries=None) -> str:
+    return f"{README_START}\n{markdown_table(summaries)}\n{README_END}"
+
+
+def update_readme(path) -> bool:
+    """Write the generated table between the README's markers; True when the file changed."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no experiments table markers ({README_START!r} ... {README_END!r}): "
+                         "put them where the table belongs")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + readme_block() + tail
+    if new == text:
+        return False
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(new)
+    temporary.replace(path)
+    return True
