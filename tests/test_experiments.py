@@ -542,6 +542,41 @@ def test_each_kind_of_chapter_06_and_07_arm_runs_and_scores_on_a_tiny_model(tiny
     assert isinstance(loss, float) and math.isfinite(loss) and loss > 0
 
 
+def test_each_stage_of_chapter_07s_chain_computes_with_its_own_weights(tiny_model_dir, monkeypatch):
+    """A trained model carries the trainer's ``forward`` wrapper on the instance; through it a deep copy
+    computed with the original's weights, so DPO and GRPO scored exactly as the models they started from
+    (found in the shipped sweep: every seed equal). Each stage must change the logits of the one before."""
+    import torch
+
+    from course.experiments import rlhf
+
+    monkeypatch.setenv("COURSE_MODEL", str(tiny_model_dir))
+    rlhf._STAGES.clear()
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    sft = rlhf.sft_model(0, True)
+    before = {k: v.clone() for k, v in sft.state_dict().items()}
+    logits = {}
+    with torch.no_grad():
+        logits["sft"] = sft(ids).logits
+    dpo = rlhf.dpo_model(0, True)
+    with torch.no_grad():
+        logits["dpo"] = dpo(ids).logits
+    grpo = rlhf.grpo_model(0, True)
+    with torch.no_grad():
+        logits["grpo"] = grpo(ids).logits
+    assert "forward" not in vars(sft) and "forward" not in vars(dpo)
+    assert all(torch.equal(v, sft.state_dict()[k]) for k, v in before.items())  # DPO trained a copy
+    assert not torch.allclose(logits["dpo"], logits["sft"]), "the DPO model computes what the SFT model does"
+    # A random tiny model earns no reward, so GRPO's advantages are 0 and it learns nothing here: check instead
+    # that the GRPO model computes with its own weights (and not through a wrapper of the DPO model's).
+    assert "forward" not in vars(grpo) and "forward" not in vars(grpo.get_base_model())
+    with torch.no_grad():
+        grpo.get_base_model().lm_head.weight.mul_(2.0)
+        assert not torch.allclose(grpo(ids).logits, logits["grpo"])
+        assert torch.equal(dpo(ids).logits, logits["dpo"])
+    rlhf._STAGES.clear()
+
+
 def test_merges_draw_dares_masks_from_the_seed_and_nothing_else(tiny_model_dir, tiny_adapters_dir, monkeypatch):
     import torch
 

@@ -227,3 +227,15 @@ def test_the_freshness_fingerprint_sees_code_changes_but_not_outputs():
     assert notebooks.source_hash(nb) == before
     nb.cells[3].source += "\nprint('changed')"
     assert notebooks.source_hash(nb) != before
+
+
+#: Issue 23: no chapter over six minutes at the full budget on the 2-core CPU (float32), as saved in its metadata.
+CHAPTER_LIMIT_S = 360
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_no_saved_chapter_took_more_than_six_minutes(path):
+    seconds = nbformat.read(path, as_version=4).metadata["course"]["seconds"]
+    assert 0 < seconds <= CHAPTER_LIMIT_S, (
+        f"{path.name} took {seconds:.0f} s in its saved run, over {CHAPTER_LIMIT_S} s: find where its time goes "
+        "(each cell's execution metadata) and ship the slow comparison's seeds (course.experiments) instead")
