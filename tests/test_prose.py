@@ -190,3 +190,12 @@ def test_chapter_07_describes_grpo_with_the_settings_trl_runs():
     assert not missing, (f"07's GRPO section must describe what TRL runs; the config has {missing} "
                          "(a TRL upgrade may have changed a default): update section 5's text")
     assert config.num_iterations == 1 and "exactly 1" in text, "with one iteration per batch the ratio is 1: say so"
+
+
+def test_chapter_06_states_how_the_ties_authors_trim():
+    """Issue 23, section 5: per tensor (as PEFT and the course) against the authors' whole flattened task vector,
+    keeping int(density * d) + 1 entries (``topk_values_mask`` in prateeky2806/ties-merging: k = d - int(d K),
+    then every entry at or above the k-th smallest magnitude)."""
+    text = " ".join(markdown(notebooks.SOLUTIONS / "06_merging.ipynb"))
+    assert "each tensor on its own" in text and "topk_values_mask" in text
+    assert re.search(r"operatorname\{int\}\(\\text\{density\} \\cdot d\) \+ 1\$ entries", text)

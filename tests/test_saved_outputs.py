@@ -1,6 +1,8 @@
 """Saved outputs read well without a kernel (GitHub, a rendered page): no machine paths, no ANSI
 escapes, no progress bar frozen at 0%, no widget saved as its repr."""
 
+import re
+
 import nbformat
 import pytest
 
@@ -97,3 +99,15 @@ def test_execution_saves_no_frozen_progress_bar(tmp_path):
     texts = [o["data"]["text/plain"] for o in executed.cells[0].outputs if "data" in o]
     assert any(t.startswith("demo: 100%|██████████| 3/3") for t in texts), texts
     assert notebooks.output_problems(executed) == []
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_one_rule_for_model_loading_bars_none_in_any_saved_output(path):
+    """Issue 23: chapters 03-05 kept a dozen 'Loading weights' bars each while 06-07 hid them. Every set-up cell
+    now turns transformers' bars off (`transformers.logging.disable_progress_bar()`), so none is saved."""
+    nb = nbformat.read(path, as_version=4)
+    setup = next(c.source for c in nb.cells if c.cell_type == "code" and "from course" in c.source)
+    assert re.search(r"transformers\.(utils\.)?logging\.disable_progress_bar\(\)", setup), f"{path.name}: bars on"
+    shown = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.get("outputs", [])
+             if "Loading weights" in (o.get("text", "") or str(o.get("data", {}).get("text/plain", "")))]
+    assert not shown, f"{path.name}: 'Loading weights' bars saved in cells {shown}"

@@ -21,7 +21,7 @@ the same questions: the comparison is paired.
 - ``06-dare-density-{addition,pirate}``: the DARE merge (drop and rescale each ΔW, then the weighted
   sum: PEFT's ``dare_linear`` on ΔW) at density 0.05 against the chapter's 0.5 (section 5).
 - ``06-dare-addition-alone``: the addition adapter alone, DARE at density 0.05 and 0.5 against the
-  adapter merged whole (section 4: "0.812 at density 0.05, above the adapter's own 0.656").
+  adapter merged whole (section 4: one draw of the mask decides nothing; five draws do).
 """
 
 from __future__ import annotations

@@ -94,6 +94,19 @@ def sft_run(seed: int, quick: bool, *, lr: float | None = None, steps: int | Non
     return _train(trainer, f"SFT, seed {seed}")
 
 
+def plain(model):
+    """``model`` without the ``forward`` a trainer leaves on the instance (accelerate wraps it for mixed
+    precision, and PEFT's merge hands back the model with the wrapper on): through it a deep copy of the
+    trained model keeps computing with the weights of the model that was trained, not its own. Chapter 07's
+    chain deep-copies each stage's model for the next, so without this DPO and GRPO scored exactly as
+    their inputs (tests/test_experiments.py)."""
+    for module in (model, getattr(model, "get_base_model", lambda: None)()):
+        if module is not None:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_original_forward", None)
+    return model
+
+
 # One merged model per stage, for the latest (seed, quick, base model): the next arm of that seed reuses it.
 _STAGES: dict[str, tuple[tuple, object]] = {}
 
@@ -115,7 +128,7 @@ def _stage(stage: str, seed: int, quick: bool, make):
 
 def sft_model(seed: int, quick: bool):
     """The SFT LoRA of ``seed`` merged into its base (notebook 07's ``save_merge_reload``, in memory)."""
-    return _stage("sft", seed, quick, lambda: sft_run(seed, quick).model.merge_and_unload().eval())
+    return _stage("sft", seed, quick, lambda: plain(sft_run(seed, quick).model.merge_and_unload()).eval())
 
 
 def dpo_model(seed: int, quick: bool):
@@ -135,7 +148,7 @@ def dpo_model(seed: int, quick: bool):
             trainer = DPOTrainer(model=copy.deepcopy(sft_model(seed, quick)), ref_model=None,
                                  args=dpo_config(budget, seed=seed), train_dataset=data, processing_class=tokenizer,
                                  peft_config=lora())
-        return _train(trainer, f"DPO, seed {seed}").model.merge_and_unload().eval()
+        return plain(_train(trainer, f"DPO, seed {seed}").model.merge_and_unload()).eval()
 
     return _stage("dpo", seed, quick, make)
 
@@ -155,7 +168,7 @@ def grpo_model(seed: int, quick: bool):
         trainer = GRPOTrainer(model=copy.deepcopy(dpo_model(seed, quick)), reward_funcs=reward_funcs(),
                               args=grpo_config(budget, seed=seed), train_dataset=data, processing_class=tokenizer,
                               peft_config=lora())
-    return _train(trainer, f"GRPO, seed {seed}").model
+    return plain(_train(trainer, f"GRPO, seed {seed}").model)
 
 
 def reward_funcs():
