@@ -261,7 +261,9 @@ def test_save_merge_reload_keeps_the_trained_models_dtype(tokenizer, tmp_path, m
     reloaded, report = rlhf.save_merge_reload(trained, tokenizer, tmp_path / "out", probe, base_path=str(base_dir))
     assert reloaded.dtype == torch.bfloat16
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
-    assert report.top1_agreement == 1.0  # merged in bfloat16: rounding, not another model
+    # Merged in bfloat16: rounding, not another model. (A random tiny model has near-ties between its top
+    # tokens, so rounding may flip one of them: the KL says how far apart the two models are.)
+    assert report.mean_kl < 1e-5 and report.top1_agreement >= 0.9, report
 
 
 def test_tensor_bytes_counts_shared_tensors_once(tokenizer):
