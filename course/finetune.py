@@ -323,7 +323,7 @@ def _train(o: argparse.Namespace, out: Path, device: torch.device, path: str) ->
             say("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
         accelerator.wait_for_everyone()
 
-    start = time.perf_counter()
+    start, first_step = time.perf_counter(), step  # first_step > 0 when resumed
     if step == 0 and o.eval_step:
         evaluation()
     bar = tqdm(total=total, initial=step, desc=f"{o.method} fine-tuning", disable=not main_process)
@@ -368,8 +368,8 @@ def _train(o: argparse.Namespace, out: Path, device: torch.device, path: str) ->
     evaluation()
     seconds = time.perf_counter() - start
     summary = {"options": vars(o), "processes": accelerator.num_processes, "steps": step,
-               "train_seconds": round(seconds, 1), "history": history, "final": history["evaluations"][-1]
-               if history["evaluations"] else {}}
+               "resumed_at_step": first_step, "train_seconds": round(seconds, 1),  # this process's seconds
+               "history": history, "final": history["evaluations"][-1] if history["evaluations"] else {}}
     if main_process:
         peft_model = accelerator.unwrap_model(model)
         peft_model = getattr(peft_model, "_orig_mod", peft_model)  # torch.compile's wrapper
@@ -387,7 +387,9 @@ def _train(o: argparse.Namespace, out: Path, device: torch.device, path: str) ->
             else:
                 peft_model.save_pretrained(tmp)
             (tmp / "finetune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-        say(f"adapter written to {out} (loads with peft.PeftModel.from_pretrained); {step} steps in {seconds:.0f} s")
+        timed = (f"{step} steps in {seconds:.0f} s" if first_step == 0 else
+                 f"{step} steps in all, the last {step - first_step} in this run's {seconds:.0f} s")
+        say(f"adapter written to {out} (loads with peft.PeftModel.from_pretrained); {timed}")
     accelerator.wait_for_everyone()
     return summary
 

@@ -157,6 +157,10 @@ def _adapter_bytes(o, path: str) -> int:
                     continue
                 shape = f.get_slice(key).get_shape()
                 if len(shape) == 2 and (targets is None or matches_target(name, targets)):
+                    if o.method != "vera" and o.lora_r > min(shape):  # before the space it would need
+                        raise UsageError(f"--lora_r {o.lora_r} is larger than layer {name} ({shape[1]} -> {shape[0]}) "
+                                         f"allows: B A has rank at most {min(shape)}. Choose a smaller --lora_r "
+                                         "or other --lora_target_modules.")
                     numbers += o.lora_r * (shape[0] + shape[1])
     copies = 1 + (3 * KEEP_CHECKPOINTS if o.save_step else 0) + (1 if o.method == "olora" else 0)
     return numbers * 4 * copies

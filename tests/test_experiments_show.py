@@ -37,7 +37,7 @@ def test_show_prints_each_arms_interval_its_seeds_the_live_value_and_the_verdict
     assert out[0].startswith("toy: score, 5 seeds shipped")
     assert out[1].split()[:2] == ["A", f"{a.mean:.3f}"] and f"[{a.low:.3f}, {a.high:.3f}]" in out[1]
     assert "; this run 0.750" in out[1] and "this run" not in out[2]
-    assert ", ".join(f"{v:.3f}" for v in b.values) in out[2]
+    assert ", ".join(f"{v:.3f}" for v in b.values).replace("-", "\u2212") in out[2]
     assert out[3].strip() == summary.comparison.verdict and summary.better == "A"
 
 
@@ -154,3 +154,20 @@ def test_the_table_command_writes_between_the_markers_and_keeps_the_rest(toy, tm
     unmarked.write_text("no markers")
     assert cli(["experiments", "table", "--readme", str(unmarked)]) == 2
     assert unmarked.read_text() == "no markers"
+
+
+def test_the_budget_in_words_leaves_out_what_an_arm_does_not_do():
+    from course.experiments.registry import Budget
+    from course.experiments.show import budget_text
+
+    assert budget_text(Budget(6, 8, 32)) == "6 steps of batch 8, 32 held-out questions"
+    assert budget_text(Budget(0, 0, 64)) == "no training, 64 held-out questions"  # a merge
+    assert budget_text(Budget(6, 8, 0)) == "6 steps of batch 8"  # a training-loss curve
+
+
+def test_negative_numbers_in_a_rows_interval_use_the_verdicts_minus_sign(toy, capsys):  # noqa: F811
+    toy(offsets=(-1.0, 0.0), spread=0.1)
+    experiments.run("toy", 3, ship=True, log=quiet)
+    show("toy", plot=False)
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.split()[1].startswith("\u2212") and "-" not in row  # arm A, near -1: mean, interval, seeds

@@ -142,7 +142,10 @@ def test_a_killed_process_leaves_only_whole_checkpoints_and_resumes(tiny_model, 
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {complete[-1].name}" in resumed.stderr + resumed.stdout
-    assert json.loads((out / "finetune.json").read_text())["steps"] == step + 2
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["steps"] == step + 2 and summary["resumed_at_step"] == step
+    # the time printed is this process's: the message says it covers the last two steps only
+    assert f"{step + 2} steps in all, the last 2 in this run's" in resumed.stderr + resumed.stdout
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tmp_path):
@@ -395,3 +398,15 @@ def test_environment_mistakes_are_clear_errors_not_tracebacks(extra, phrase, tin
     assert main(small(tiny_model, out, *extra)) == 2
     assert phrase in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_rank_too_large_for_the_layers_is_named_before_the_space_it_would_need(tiny_model, tmp_path, capsys,
+                                                                                monkeypatch):
+    # A huge --lora_r also asks for a huge adapter: the message must name the rank, not the disk.
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("course.finetune_output.shutil.disk_usage", lambda path: usage(2**30, 2**30, 0))
+    assert main(["finetune", *flags(tiny_model, tmp_path / "out"), "--lora_r", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora_r 64 is larger than layer" in err and "MB free" not in err, err

@@ -239,3 +239,16 @@ def test_no_saved_chapter_took_more_than_six_minutes(path):
     assert 0 < seconds <= CHAPTER_LIMIT_S, (
         f"{path.name} took {seconds:.0f} s in its saved run, over {CHAPTER_LIMIT_S} s: find where its time goes "
         "(each cell's execution metadata) and ship the slow comparison's seeds (course.experiments) instead")
+
+
+#: Issue 23: the whole course at most 20 minutes (the sum of the solutions' saved seconds, float32, 2-core CPU).
+COURSE_LIMIT_S = 1200
+
+
+def test_the_saved_runs_of_the_whole_course_add_up_to_at_most_twenty_minutes():
+    seconds = {path.name: nbformat.read(path, as_version=4).metadata["course"]["seconds"] for path in SOLUTIONS}
+    total = sum(seconds.values())
+    slowest = sorted(seconds.items(), key=lambda item: -item[1])[:3]
+    assert total <= COURSE_LIMIT_S, (
+        f"the saved runs add up to {total:.0f} s, over {COURSE_LIMIT_S} s; the slowest: {slowest}. Find where the "
+        "time goes (each cell's execution metadata) before adding to a chapter")

@@ -21,13 +21,24 @@ class NoResultsError(LookupError):
 
 
 def _fmt(x: float, decimals: int) -> str:
-    return f"{x:.{decimals}f}"
+    # The minus sign of the verdicts (course.evidence), so that a row and its verdict read alike.
+    return f"{x:.{decimals}f}".replace("-", "\u2212")
+
+
+def budget_text(budget) -> str:
+    """What one seed of an arm does, in words, leaving out what it does not do: "6 steps of batch 8,
+    32 held-out questions"; a merge trains nothing ("no training, 64 held-out questions"), a loss
+    curve scores no questions ("6 steps of batch 8")."""
+    parts = [f"{budget.steps} steps of batch {budget.batch_size}" if budget.steps else "no training"]
+    if budget.eval_examples:
+        parts.append(f"{budget.eval_examples} held-out questions")
+    return ", ".join(parts)
 
 
 def lines(summary: Summary, live: dict | None = None, decimals: int = 3) -> list[str]:
     """The text ``show`` prints: one line per arm, then the verdict."""
     e = summary.experiment
-    out = [f"{e.name}: {e.metric}, {summary.seeds} seeds shipped ({e.budget}; "
+    out = [f"{e.name}: {e.metric}, {summary.seeds} seeds shipped ({budget_text(e.budget)}; "
            + ", ".join(summary.devices or ("device unknown",)) + ")"]
     if summary.stale:
         out.append("  NOTE: these results were made by an earlier version of the course's code "
@@ -99,7 +110,7 @@ README_END = "<!-- end of experiments table -->"
 
 
 def _number(x: float | None, decimals: int = 3) -> str:
-    return "—" if x is None else f"{x:.{decimals}f}".replace("-", "\u2212")
+    return "—" if x is None else _fmt(x, decimals)
 
 
 def markdown_table(summaries=None) -> str:
@@ -119,7 +130,7 @@ def markdown_table(summaries=None) -> str:
             verdict = s.comparison.verdict if s.comparison is not None else "fewer than 2 seeds: no interval"
             if s.stale:
                 verdict += " (STALE: made by earlier code)"
-        rows.append(f"| {e.chapter[:2]} | `{e.name}`: {e.description} | {e.metric}; {e.budget} | {arms} | {verdict} |")
+        rows.append(f"| {e.chapter[:2]} | `{e.name}`: {e.description} | {e.metric}; {budget_text(e.budget)} | {arms} | {verdict} |")
     return "\n".join(rows)
 
 
