@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from course.finetune_output import UsageError
+from course.finetune_output import UsageError, check_rank
 
 
 def _targeted_linears(model, targets) -> dict[str, torch.nn.Module]:
@@ -50,13 +50,8 @@ def adapter_config(o, model):
         raise UsageError(f"--lora_target_modules {o.lora_target_modules!r} matches no linear layer of this model; "
                          f"its linear layers are called: {', '.join(names)} (give names, or dotted ends of "
                          "names such as self_attn.q_proj, comma-separated).")
-    if o.method != "vera":
-        for name, module in found.items():
-            smallest = min(module.in_features, module.out_features)
-            if o.lora_r > smallest:
-                raise UsageError(f"--lora_r {o.lora_r} is larger than layer {name} ({module.in_features} -> "
-                                 f"{module.out_features}) allows: B A has rank at most {smallest}. Choose a smaller "
-                                 "--lora_r or other --lora_target_modules.")
+    for name, module in found.items():
+        check_rank(o, name, in_features=module.in_features, out_features=module.out_features)
     if o.method == "nola":
         return {"target_modules": sorted(found)}  # no PEFT config: the course's layers (nola_model)
     if o.method == "vera":

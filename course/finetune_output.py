@@ -135,6 +135,15 @@ def claim_output(out: Path):
     return lock
 
 
+def check_rank(o, name: str, *, in_features: int, out_features: int) -> None:
+    """Refuse a ``--lora_r`` that a targeted layer cannot hold (VeRA's rank is its shared projection's)."""
+    smallest = min(in_features, out_features)
+    if o.method != "vera" and o.lora_r > smallest:
+        raise UsageError(f"--lora_r {o.lora_r} is larger than layer {name} ({in_features} -> {out_features}) "
+                         f"allows: B A has rank at most {smallest}. Choose a smaller --lora_r or other "
+                         "--lora_target_modules.")
+
+
 def _adapter_bytes(o, path: str) -> int:
     """About how many bytes the run writes: the adapter plus the checkpoints (weights and AdamW's two moments).
 
@@ -157,10 +166,7 @@ def _adapter_bytes(o, path: str) -> int:
                     continue
                 shape = f.get_slice(key).get_shape()
                 if len(shape) == 2 and (targets is None or matches_target(name, targets)):
-                    if o.method != "vera" and o.lora_r > min(shape):  # before the space it would need
-                        raise UsageError(f"--lora_r {o.lora_r} is larger than layer {name} ({shape[1]} -> {shape[0]}) "
-                                         f"allows: B A has rank at most {min(shape)}. Choose a smaller --lora_r "
-                                         "or other --lora_target_modules.")
+                    check_rank(o, name, in_features=shape[1], out_features=shape[0])  # before the space it needs
                     numbers += o.lora_r * (shape[0] + shape[1])
     copies = 1 + (3 * KEEP_CHECKPOINTS if o.save_step else 0) + (1 if o.method == "olora" else 0)
     return numbers * 4 * copies
