@@ -20,6 +20,11 @@ RUN = textwrap.dedent("""
     import nbformat
     if sys.argv[1] == "course":
         from course.notebook_client import NotebookClient
+    elif sys.argv[1].startswith("nbgrader"):  # nbgrader's Execute preprocessor, as autograde runs it
+        if sys.argv[1] == "nbgrader-course":
+            from course.classroom.nbgrader_execute import Execute
+        else:
+            from nbgrader.preprocessors import Execute
     else:
         from nbclient import NotebookClient
 
@@ -34,9 +39,14 @@ RUN = textwrap.dedent("""
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("x = 6 * 7"), nbformat.v4.new_code_cell("print(x)")]
-    client = NotebookClient(nb, timeout=None, kernel_name="python3", shell_timeout_interval=1)
-    client.on_notebook_start = lambda notebook: missed_wake_ups(client)
-    client.execute()
+    if sys.argv[1].startswith("nbgrader"):
+        client = Execute(timeout=None, kernel_name="python3", shell_timeout_interval=1)
+        client.on_cell_start = lambda cell, cell_index: cell_index or missed_wake_ups(client)
+        client.preprocess(nb, {})
+    else:
+        client = NotebookClient(nb, timeout=None, kernel_name="python3", shell_timeout_interval=1)
+        client.on_notebook_start = lambda notebook: missed_wake_ups(client)
+        client.execute()
     print("OUTPUT", nb.cells[1].outputs[0]["text"].strip())
 """)
 
@@ -63,3 +73,34 @@ def test_nbclients_own_client_waits_for_ever_there():
     # course.notebook_client can go.
     rc, out, _ = run("nbclient", timeout=15)
     assert rc is None and "OUTPUT" not in out, "nbclient's client finished: course.notebook_client may no longer be needed"
+
+
+def test_the_execute_the_nbgrader_export_installs_finishes_despite_missed_wake_ups():
+    pytest.importorskip("nbgrader")
+    rc, out, err = run("nbgrader-course", timeout=120)
+    assert rc == 0 and "OUTPUT 42" in out, (rc, out[-2000:], err[-2000:])
+
+
+def test_nbgraders_own_execute_waits_for_ever_there():
+    pytest.importorskip("nbgrader")
+    rc, out, _ = run("nbgrader", timeout=15)
+    assert rc is None and "OUTPUT" not in out, "nbgrader's Execute finished: course.classroom.nbgrader_execute may go"
+
+
+def test_the_exported_nbgrader_config_puts_the_course_execute_in_nbgraders_place(tmp_path):
+    pytest.importorskip("nbgrader")
+    from nbgrader.converters.autograde import Autograde
+    from nbgrader.preprocessors import Execute as NbgraderExecute
+    from traitlets.config import Config
+
+    from course.__main__ import main
+    from course.classroom.nbgrader_execute import Execute
+
+    assert main(["classroom", "export", "--format", "nbgrader", "--chapters", "01", str(tmp_path / "course")]) == 0
+    config = Config()
+    exec((tmp_path / "course" / "nbgrader_config.py").read_text(), {"get_config": lambda: config})
+    installed = list(config.Autograde.autograde_preprocessors)
+    default = list(Autograde.class_traits()["autograde_preprocessors"].default())
+    assert Execute in installed and NbgraderExecute not in installed
+    assert installed == [Execute if p is NbgraderExecute else p for p in default]
+    assert config.Execute.timeout == 1800

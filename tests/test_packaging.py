@@ -129,7 +129,7 @@ EXTRA_MODULES = {
     "grade": ["course.grade", "course.grade_worker", "course.notebook_client", "course.notebooks",
               "course.notebook_outputs"],
     "site": ["course.site"],
-    "classroom": ["course.classroom.nbgrader"],
+    "classroom": ["course.classroom.nbgrader", "course.classroom.nbgrader_execute"],
 }
 
 

@@ -38,6 +38,14 @@ c.CourseDirectory.course_id = "peft-course"
 c.ClearSolutions.code_stub = {{"python": {json.dumps(chr(10).join(STUB))}}}
 # Chapters load a model and train for a few minutes: seconds each cell may take while grading.
 c.Execute.timeout = 1800
+# nbclient waits for a cell's reply in one poll that can miss its wake-up and then sleeps until the
+# limit above; the course's Execute polls again every few seconds (course/classroom/nbgrader_execute.py).
+try:
+    from course.classroom.nbgrader_execute import autograde_preprocessors
+except ImportError:  # the course is not importable where nbgrader runs: nbgrader's own Execute
+    pass
+else:
+    c.Autograde.autograde_preprocessors = autograde_preprocessors()
 '''
 
 
